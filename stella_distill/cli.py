@@ -1,0 +1,127 @@
+"""The `stella-distill` command: precompute, train, export, evaluate, run.
+
+Every verb that takes a CONFIG also takes dotted overrides after it (`stages.0.lr=2e-4`).
+User mistakes (bad config, missing file, mismatched cache) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from stella_distill.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stella-distill",
+        description="Distil text-embedding teachers into a small student (Jasper/Stella recipe).",
+    )
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("config", help="experiment YAML")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=2e-4 data.limit=500")
+        return sp
+
+    with_config("precompute", "encode the corpus with every teacher into the on-disk cache")
+    with_config("train", "run every training stage (resumes from the newest checkpoint)")
+    with_config("run", "precompute -> train -> export -> evaluate, skipping what already finished")
+    with_config("check", "load and validate a config, print the resolved fields, do nothing else")
+
+    ex = sub.add_parser("export", help="write a sentence-transformers folder from a run")
+    ex.add_argument("run_dir", help="run folder (output_dir of the config) or one checkpoint folder")
+    ex.add_argument("--out", required=True, help="export folder")
+    ex.add_argument("--dim", type=int, default=None, help="default output dim (export.default_dim)")
+    ex.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload to the Hub")
+    ex.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+    ev = sub.add_parser("evaluate", help="score an exported model: STS, retrieval, teacher fidelity")
+    ev.add_argument("model_dir", help="sentence-transformers folder (an export)")
+    ev.add_argument("--dims", type=int, nargs="*", default=None, help="dims to score (default: all offered)")
+    ev.add_argument("--sts", nargs="*", default=[], help="STS-B style tab-separated files")
+    ev.add_argument("--retrieval", nargs="*", default=[], help="BEIR folders")
+    ev.add_argument("--cache", default=None, help="teacher cache root (with --config) for fidelity")
+    ev.add_argument("--config", default=None, help="experiment YAML (with --cache) for fidelity")
+    ev.add_argument("--mteb", nargs="*", default=[], help="MTEB task names (needs the mteb package)")
+    ev.add_argument("--batch-size", type=int, default=64, help="encode batch size")
+    ev.add_argument("--out", default=None, help="folder for eval.json and the plot (default: MODEL_DIR)")
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from stella_distill.config import dump_config, load_config
+
+    if args.verb == "check":
+        cfg = load_config(args.config, args.overrides)
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.verb == "precompute":
+        from stella_distill.precompute import run_precompute
+
+        run_precompute(load_config(args.config, args.overrides))
+        return 0
+    if args.verb == "train":
+        from stella_distill.train import train
+
+        train(load_config(args.config, args.overrides))
+        return 0
+    if args.verb == "run":
+        from stella_distill.pipeline import run_all
+
+        run_all(load_config(args.config, args.overrides))
+        return 0
+    if args.verb == "export":
+        from stella_distill.export import export_run
+
+        export_run(args.run_dir, args.out, dim=args.dim, push_to_hub=args.push_to_hub, private=args.private)
+        return 0
+    if args.verb == "evaluate":
+        from stella_distill.evaluate import evaluate_model
+
+        evaluate_model(
+            args.model_dir,
+            dims=args.dims,
+            sts=args.sts,
+            retrieval=args.retrieval,
+            cache_dir=args.cache,
+            config=args.config,
+            mteb_tasks=args.mteb,
+            batch_size=args.batch_size,
+            out_dir=args.out,
+        )
+        return 0
+    del dump_config
+    raise AssertionError(args.verb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `stella-distill` command and of `python -m stella_distill`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"stella-distill {args.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"stella-distill {args.verb}: interrupted; finished work is kept", file=sys.stderr)
+        return 130
+
+
+def _exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _exit()
+
+
+__all__ = ["main", "Path"]

@@ -1,0 +1,555 @@
+"""Typed experiment configuration: one YAML per experiment, dotted CLI overrides.
+
+Every section is a dataclass; every field carries a one-line doc in ``metadata["doc"]``.
+``load_config(path, overrides)`` reads the YAML, applies ``a.b.0.c=value`` overrides, converts
+and validates every field, and raises :class:`ConfigError` whose message starts with the dotted
+field path (``teachers.1.pooling: expected one of cls, mean, last_token; got 'max'``).
+The CLI turns that into one line on stderr and exit code 2, before any work starts.
+
+This module must stay light: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stella_distill.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in a config file or override; the message names the field."""
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -> Any:
+    """A dataclass field with a one-line doc."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+Pooling = Literal["cls", "mean", "last_token"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class SourceConfig:
+    """One corpus source; several sources are concatenated in order."""
+
+    path: str = _f(doc="local file (.txt/.jsonl/.json/.parquet/.csv) or folder, or a Hugging Face dataset id")
+    text_field: str = _f("text", doc="column / JSON key holding the text (ignored for .txt)")
+    split: str = _f("train", doc="dataset split (Hugging Face datasets only)")
+    subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")
+    limit: int | None = _f(None, doc="take at most this many texts from this source")
+
+
+@dataclass
+class DataConfig:
+    """The training corpus and how it is cut and batched."""
+
+    train: list[SourceConfig] = _f(factory=list, doc="corpus sources, concatenated in order")
+    limit: int | None = _f(None, doc="use at most this many texts of the concatenated corpus")
+    max_length: int = _f(512, doc="max tokens per text for the student (and teachers unless they set theirs)")
+    dedupe: bool = _f(False, doc="drop exact duplicate texts (counted in the summary line)")
+    eval_fraction: float = _f(0.0, doc="fraction of the corpus held out for teacher-fidelity evaluation")
+    eval_limit: int | None = _f(None, doc="cap on held-out rows (or the held-out count if eval_fraction is 0)")
+    group_by_length: bool = _f(True, doc="batch texts of similar length together (less padding)")
+    num_workers: int = _f(0, doc="dataloader worker processes")
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher model whose vectors become part of the target."""
+
+    name: str = _f(doc="short unique name; the cache folder is cache_dir/<name>")
+    model: str = _f(doc="Hugging Face model id or local path")
+    revision: str | None = _f(None, doc="model revision (branch, tag or commit) for Hub ids")
+    pooling: Pooling = _f("mean", doc="how token states become one vector: cls, mean or last_token")
+    prompt: str = _f("", doc="text prefix added to every corpus text before encoding")
+    max_length: int | None = _f(None, doc="max tokens for this teacher (default: data.max_length)")
+    dtype: DType = _f("float32", doc="compute dtype of the teacher forward pass")
+    normalize: bool = _f(True, doc="L2-normalise vectors before they are cached")
+    trust_remote_code: bool = _f(False, doc="allow the model's own Python code (off unless you trust it)")
+    batch_tokens: int = _f(16384, doc="token budget per forward batch (texts are length-sorted)")
+    max_batch_size: int = _f(256, doc="cap on texts per forward batch")
+    shard_size: int = _f(4096, doc="rows per cache shard (the unit of atomic writes and resume)")
+
+
+@dataclass
+class MRLConfig:
+    """Matryoshka reduced dimensions of the student."""
+
+    mode: Literal["heads", "truncate", "none"] = _f("heads", doc="heads: one Linear per dim; truncate: prefixes")
+    dims: list[int] = _f(factory=list, doc="reduced output dims, e.g. [1024, 512, 256]")
+
+
+@dataclass
+class StudentConfig:
+    """The student: backbone + pooling + projection to the target dim + MRL part."""
+
+    model: str = _f(doc="Hugging Face model id or local path of the backbone")
+    revision: str | None = _f(None, doc="backbone revision for Hub ids")
+    pooling: Pooling = _f("mean", doc="pooling of the backbone states: cls, mean or last_token")
+    keep_layers: list[int] | None = _f(None, doc="keep only these transformer layers, e.g. [0, 5]")
+    target_dim: int | None = _f(None, doc="projection output dim (default: sum of teacher dims)")
+    mrl: MRLConfig = _f(factory=MRLConfig, doc="Matryoshka reduced dims")
+    gradient_checkpointing: bool = _f(False, doc="recompute activations in backward to save memory")
+    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", doc="attention kernel of the backbone")
+    trust_remote_code: bool = _f(False, doc="allow the backbone's own Python code")
+    prompt: str = _f("", doc="text prefix the student sees for corpus texts during training")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the three distillation losses (paper: 10 / 200 / 20)."""
+
+    cosine: float = _f(10.0, doc="weight of 1 - cos(student, target)")
+    similarity: float = _f(200.0, doc="weight of the MSE between in-batch similarity matrices")
+    relative_similarity: float = _f(20.0, doc="weight of the pair-ranking hinge loss")
+
+
+@dataclass
+class MRLLossWeights:
+    """Weights of the losses on reduced-dim outputs (no cosine: dims differ from the target)."""
+
+    similarity: float = _f(200.0, doc="weight of the similarity loss per reduced dim")
+    relative_similarity: float = _f(20.0, doc="weight of the relative-similarity loss per reduced dim")
+
+
+@dataclass
+class StageConfig:
+    """One training stage; each starts from the previous stage's weights with a fresh optimizer."""
+
+    name: str = _f(doc="stage name (used in logs and checkpoint metadata)")
+    trainable: Literal["head", "last_layers", "all"] = _f("head", doc="which parameters train")
+    last_layers: int = _f(3, doc="with trainable=last_layers: how many final transformer layers train")
+    steps: int | None = _f(None, doc="optimizer steps of this stage (or set epochs)")
+    epochs: float | None = _f(None, doc="passes over the training rows (used when steps is unset)")
+    batch_size: int = _f(128, doc="texts per device per micro-batch")
+    grad_accumulation: int = _f(1, doc="micro-batches per optimizer step")
+    lr: float = _f(1e-4, doc="peak learning rate (AdamW)")
+    warmup_ratio: float = _f(0.0, doc="fraction of steps of linear warm-up")
+    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", doc="decay after warm-up")
+    weight_decay: float = _f(0.01, doc="AdamW weight decay")
+    max_grad_norm: float | None = _f(1.0, doc="gradient clipping norm (null: no clipping)")
+    loss_weights: LossWeights = _f(factory=LossWeights, doc="weights of the full-dim losses")
+    margin: float = _f(0.015, doc="margin of the relative-similarity loss")
+    mrl: bool = _f(False, doc="train the reduced-dim outputs (student.mrl) in this stage")
+    mrl_loss_weights: MRLLossWeights = _f(factory=MRLLossWeights, doc="weights per reduced dim")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", doc="autocast dtype on GPU (ignored on CPU)")
+
+
+@dataclass
+class TrainConfig:
+    """Run-wide trainer settings."""
+
+    checkpoint_every: int = _f(500, doc="save a checkpoint every this many optimizer steps (0: stage ends only)")
+    keep_checkpoints: int = _f(2, doc="keep this many most recent step checkpoints")
+    resume: str | None = _f("auto", doc="auto: continue the newest checkpoint in output_dir; a path; or null")
+    gather_across_devices: bool = _f(True, doc="compute in-batch losses over the global batch under DDP")
+    embedding_chunk_size: int | None = _f(None, doc="GradCache chunk size (texts per forward with grad)")
+    eval_every: int = _f(0, doc="evaluate fidelity on held-out rows every N steps (0: stage ends only)")
+    log_every: int = _f(10, doc="write a metrics row every N optimizer steps")
+
+
+@dataclass
+class ExportConfig:
+    """The sentence-transformers folder produced by `export`."""
+
+    out_dir: str | None = _f(None, doc="export folder (default: <output_dir>/export)")
+    default_dim: int | None = _f(None, doc="dim used by SentenceTransformer(folder) (default: full dim)")
+    prompts: dict[str, str] = _f(factory=dict, doc="named prompts, e.g. s2p_query: 'Instruct: ...'")
+    default_prompt_name: str | None = _f(None, doc="prompt applied when encode() names none")
+    push_to_hub: str | None = _f(None, doc="Hub repo id to push to after export (e.g. org/name)")
+    private: bool = _f(False, doc="create the Hub repo as private")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: Literal["online", "offline", "disabled"] = _f("offline", doc="online needs WANDB_API_KEY")
+    project: str = _f("stella-distill", doc="wandb project")
+    entity: str | None = _f(None, doc="wandb entity (team or user)")
+
+
+@dataclass
+class LoggingConfig:
+    """Where scalars go (metrics.jsonl in the run folder always)."""
+
+    wandb: WandbConfig = _f(factory=WandbConfig, doc="Weights & Biases settings")
+    progress: bool = _f(True, doc="show progress bars")
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation run after export by `stella-distill run`."""
+
+    sts: list[str] = _f(factory=list, doc="STS-B style tab-separated files (score col 4, texts cols 5, 6)")
+    retrieval: list[str] = _f(factory=list, doc="BEIR folders (corpus.jsonl, queries.jsonl, qrels/)")
+    batch_size: int = _f(64, doc="encode batch size")
+    baseline: bool = _f(True, doc="also score the untrained student's pooled vectors")
+
+
+@dataclass
+class ExperimentConfig:
+    """One distillation experiment."""
+
+    name: str = _f(doc="experiment name")
+    output_dir: str = _f(doc="run folder: checkpoints, metrics.jsonl, export")
+    cache_dir: str = _f(doc="teacher cache root; one folder per teacher")
+    seed: int = _f(42, doc="seed for shuffling, initialisation and dropout")
+    data: DataConfig = _f(factory=DataConfig, doc="corpus")
+    teachers: list[TeacherConfig] = _f(factory=list, doc="teachers; their vectors are concatenated")
+    student: StudentConfig | None = _f(None, doc="student model")
+    stages: list[StageConfig] = _f(factory=list, doc="training stages, run in order")
+    train: TrainConfig = _f(factory=TrainConfig, doc="trainer settings")
+    export: ExportConfig = _f(factory=ExportConfig, doc="export settings")
+    logging: LoggingConfig = _f(factory=LoggingConfig, doc="logging settings")
+    evaluate: EvaluateConfig = _f(factory=EvaluateConfig, doc="evaluation settings")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-able) of the resolved config."""
+        return dataclasses.asdict(self)
+
+    def teacher_max_length(self, teacher: TeacherConfig) -> int:
+        """The max length a teacher encodes with."""
+        return teacher.max_length or self.data.max_length
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all if none), for checkpoint compatibility checks."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion from plain YAML data to the typed classes.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: expected {_type_name(tp)}; got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {_type_name(tp)}; got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list; got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping; got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, f"{path}"): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if value is None:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}; got null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required field is missing")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.0.c=value`` override to the raw YAML data in place (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"{override}: an override must look like key.path=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{override}: an override must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: no such list element (list has {len(node)} items)")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"{where}: cannot set a field inside {node!r}")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{key}: no such list element (list has {len(node)} items)")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{key}: cannot set a field inside {node!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks
+
+
+def _positive(value: float | int | None, path: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks that single-field typing cannot express."""
+    if not cfg.name.strip():
+        raise ConfigError("name: must not be empty")
+    _positive(cfg.data.limit, "data.limit")
+    _positive(cfg.data.max_length, "data.max_length")
+    _positive(cfg.data.eval_limit, "data.eval_limit")
+    _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1); got {cfg.data.eval_fraction!r}")
+    for i, src in enumerate(cfg.data.train):
+        if not src.path.strip():
+            raise ConfigError(f"data.train.{i}.path: must not be empty")
+        _positive(src.limit, f"data.train.{i}.limit")
+    if not cfg.teachers:
+        raise ConfigError("teachers: at least one teacher is required")
+    seen: dict[str, int] = {}
+    for i, t in enumerate(cfg.teachers):
+        if not t.name.strip() or "/" in t.name or t.name in (".", ".."):
+            raise ConfigError(f"teachers.{i}.name: must be a non-empty folder name without '/'; got {t.name!r}")
+        if t.name in seen:
+            raise ConfigError(f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})")
+        seen[t.name] = i
+        if not t.model.strip():
+            raise ConfigError(f"teachers.{i}.model: must not be empty")
+        _positive(t.max_length, f"teachers.{i}.max_length")
+        _positive(t.batch_tokens, f"teachers.{i}.batch_tokens")
+        _positive(t.max_batch_size, f"teachers.{i}.max_batch_size")
+        _positive(t.shard_size, f"teachers.{i}.shard_size")
+    st = cfg.student
+    if st is not None:
+        if st.keep_layers is not None:
+            if not st.keep_layers:
+                raise ConfigError("student.keep_layers: must list at least one layer (or be null)")
+            if any(layer < 0 for layer in st.keep_layers):
+                raise ConfigError(f"student.keep_layers: layer indices must be >= 0; got {st.keep_layers}")
+            if len(set(st.keep_layers)) != len(st.keep_layers):
+                raise ConfigError(f"student.keep_layers: duplicated layer index in {st.keep_layers}")
+            if st.keep_layers != sorted(st.keep_layers):
+                raise ConfigError(f"student.keep_layers: must be increasing; got {st.keep_layers}")
+        _positive(st.target_dim, "student.target_dim")
+        dims = st.mrl.dims
+        for j, d in enumerate(dims):
+            _positive(d, f"student.mrl.dims.{j}")
+        if len(set(dims)) != len(dims):
+            raise ConfigError(f"student.mrl.dims: duplicated dim in {dims}")
+        if dims not in (sorted(dims), sorted(dims, reverse=True)):
+            raise ConfigError(f"student.mrl.dims: must be sorted (increasing or decreasing); got {dims}")
+        if st.target_dim is not None and dims and max(dims) > st.target_dim:
+            raise ConfigError(
+                f"student.mrl.dims: dim {max(dims)} is larger than student.target_dim {st.target_dim}"
+            )
+        if dims and st.mrl.mode == "none":
+            raise ConfigError("student.mrl.mode: is 'none' but student.mrl.dims lists dims")
+    if cfg.stages and st is None:
+        raise ConfigError("student: required when stages are given")
+    names: dict[str, int] = {}
+    for i, s in enumerate(cfg.stages):
+        p = f"stages.{i}"
+        if s.name in names:
+            raise ConfigError(f"{p}.name: duplicate stage name {s.name!r} (also stages.{names[s.name]})")
+        names[s.name] = i
+        if s.steps is None and s.epochs is None:
+            raise ConfigError(f"{p}.steps: set steps or epochs")
+        _positive(s.steps, f"{p}.steps")
+        _positive(s.epochs, f"{p}.epochs")
+        _positive(s.batch_size, f"{p}.batch_size")
+        _positive(s.grad_accumulation, f"{p}.grad_accumulation")
+        _positive(s.lr, f"{p}.lr")
+        _positive(s.last_layers, f"{p}.last_layers")
+        _positive(s.weight_decay, f"{p}.weight_decay", allow_zero=True)
+        _positive(s.max_grad_norm, f"{p}.max_grad_norm")
+        _positive(s.margin, f"{p}.margin", allow_zero=True)
+        if not 0.0 <= s.warmup_ratio < 1.0:
+            raise ConfigError(f"{p}.warmup_ratio: must be in [0, 1); got {s.warmup_ratio!r}")
+        for k, v in dataclasses.asdict(s.loss_weights).items():
+            _positive(v, f"{p}.loss_weights.{k}", allow_zero=True)
+        for k, v in dataclasses.asdict(s.mrl_loss_weights).items():
+            _positive(v, f"{p}.mrl_loss_weights.{k}", allow_zero=True)
+        if s.mrl and (st is None or not st.mrl.dims):
+            raise ConfigError(f"{p}.mrl: stage trains reduced dims but student.mrl.dims is empty")
+    _positive(cfg.train.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+    _positive(cfg.train.keep_checkpoints, "train.keep_checkpoints")
+    _positive(cfg.train.embedding_chunk_size, "train.embedding_chunk_size")
+    _positive(cfg.train.eval_every, "train.eval_every", allow_zero=True)
+    _positive(cfg.train.log_every, "train.log_every")
+    _positive(cfg.evaluate.batch_size, "evaluate.batch_size")
+    ex = cfg.export
+    if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
+        raise ConfigError(
+            f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "
+            f"({', '.join(ex.prompts) or 'none defined'})"
+        )
+    if ex.default_dim is not None and st is not None:
+        offered = set(st.mrl.dims) | ({st.target_dim} if st.target_dim else set())
+        if st.target_dim is not None and ex.default_dim not in offered:
+            raise ConfigError(f"export.default_dim: {ex.default_dim} is not an offered dim {sorted(offered)}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; syntax errors name the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields; got {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    """Build and validate a config from plain data (as YAML would give)."""
+    return validate(_build(ExperimentConfig, data, ""))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config, apply dotted overrides, convert and validate it."""
+    data = read_yaml(path)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    return from_dict(data)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run folder's `config.yaml`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> one-line doc, for documentation and `stella-distill config --help`."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        out[name] = f.metadata.get("doc", "")
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        for a in inner:
+            if typing.get_origin(a) is list:
+                a = typing.get_args(a)[0]
+                name_ = name + ".N"
+            else:
+                name_ = name
+            if dataclasses.is_dataclass(a):
+                out.update(field_docs(a, name_ + "."))
+    return out

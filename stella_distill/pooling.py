@@ -1,0 +1,112 @@
+"""Pooling, prompts and Hugging Face model loading shared by teachers and the student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stella_distill.errors import UserError
+
+POOLINGS = ("cls", "mean", "last_token")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states ``(B, L, H)`` into one vector per text ``(B, H)``.
+
+    - ``cls``: the first token's state (BERT/gte-large style; assumes right padding or no padding
+      on the first position, which is what every BERT-like tokenizer produces).
+    - ``mean``: mean over the tokens where ``attention_mask`` is 1 (sentence-transformers' mean).
+    - ``last_token``: the state of the last real token of each row, found from the mask, so it is
+      correct under left padding (gte-Qwen2's setting) and right padding alike.
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if mode == "mean":
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        return summed / counts
+    if mode == "last_token":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {mode!r}; expected one of {', '.join(POOLINGS)}")
+
+
+def with_prompt(texts: list[str], prompt: str) -> list[str]:
+    """Prefix every text with ``prompt`` (no-op for an empty prompt)."""
+    return [prompt + t for t in texts] if prompt else list(texts)
+
+
+def _needs_remote_code(name_or_path: str) -> bool:
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("auto_map"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None, trust_remote_code: bool, field: str):
+    """``AutoTokenizer.from_pretrained`` with a clear error naming the config field on failure."""
+    from transformers import AutoTokenizer
+
+    return _load(
+        AutoTokenizer.from_pretrained,
+        name_or_path,
+        field=field,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    revision: str | None,
+    trust_remote_code: bool,
+    field: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+):
+    """``AutoModel.from_pretrained`` (safetensors preferred) with clear errors for user mistakes.
+
+    ``field`` is the config field that named the model (``teachers.0.model``); every error names it.
+    """
+    from transformers import AutoModel
+
+    if not trust_remote_code and _needs_remote_code(name_or_path):
+        raise UserError(
+            f"{field}: {name_or_path} asks to run its own Python code (auto_map in config.json); "
+            f"set trust_remote_code: true next to it only if you trust that code"
+        )
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return _load(AutoModel.from_pretrained, name_or_path, field=field, **kwargs)
+    except UserError as exc:
+        if attn_implementation and ("attn_implementation" in str(exc) or "sdpa" in str(exc).lower()):
+            kwargs.pop("attn_implementation", None)
+            return _load(AutoModel.from_pretrained, name_or_path, field=field, **kwargs)
+        raise
+
+
+def _load(fn, name_or_path: str, *, field: str, **kwargs):
+    try:
+        return fn(name_or_path, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{field}: cannot load {name_or_path!r}: {first}") from None
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        if "trust_remote_code" in text:
+            raise UserError(
+                f"{field}: {name_or_path} needs trust_remote_code: true (it runs the model's own code)"
+            ) from None
+        raise UserError(f"{field}: cannot load {name_or_path!r}: {text[:300]}") from None
