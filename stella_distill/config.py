@@ -231,6 +231,12 @@ class ExperimentConfig:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def fingerprint_stage(self, index: int) -> str:
+        """Stable hash of one stage's training-relevant fields (not its name)."""
+        d = dataclasses.asdict(self.stages[index])
+        d.pop("name")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
 
 # ---------------------------------------------------------------------------------------------
 # Conversion from plain YAML data to the typed classes.

@@ -49,7 +49,7 @@ def _qwen2_tokenizer(path: Path):
     return tok
 
 
-def make_tiny_bert(path: str | Path, *, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_bert(path: str | Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.1) -> Path:
     """Save a random-weight BERT (``hidden`` wide, ``layers`` deep) and its tokenizer to ``path``."""
     import torch
     from transformers import BertConfig, BertModel
@@ -63,6 +63,8 @@ def make_tiny_bert(path: str | Path, *, layers: int = 2, hidden: int = 32, seed:
         num_attention_heads=4,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
