@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from stella_distill.errors import UserError
 
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from stella_distill.config import dump_config, load_config
+    from stella_distill.config import load_config
 
     if args.verb == "check":
         cfg = load_config(args.config, args.overrides)
@@ -98,7 +97,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             out_dir=args.out,
         )
         return 0
-    del dump_config
     raise AssertionError(args.verb)
 
 
@@ -114,14 +112,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stella-distill {args.verb}: interrupted; finished work is kept", file=sys.stderr)
         return 130
-
-
-def _exit() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    _exit()
-
-
-__all__ = ["main", "Path"]

@@ -60,7 +60,9 @@ class DataConfig:
     max_length: int = _f(512, doc="max tokens per text for the student (and teachers unless they set theirs)")
     dedupe: bool = _f(False, doc="drop exact duplicate texts (counted in the summary line)")
     eval_fraction: float = _f(0.0, doc="fraction of the corpus held out for teacher-fidelity evaluation")
-    eval_limit: int | None = _f(None, doc="cap on held-out rows (or the held-out count if eval_fraction is 0)")
+    eval_limit: int | None = _f(
+        None, doc="cap on held-out rows (or the held-out count if eval_fraction is 0)"
+    )
     group_by_length: bool = _f(True, doc="batch texts of similar length together (less padding)")
     num_workers: int = _f(0, doc="dataloader worker processes")
 
@@ -78,8 +80,10 @@ class TeacherConfig:
     dtype: DType = _f("float32", doc="compute dtype of the teacher forward pass")
     normalize: bool = _f(True, doc="L2-normalise vectors before they are cached")
     trust_remote_code: bool = _f(False, doc="allow the model's own Python code (off unless you trust it)")
-    batch_tokens: int = _f(16384, doc="token budget per forward batch (texts are length-sorted)")
-    max_batch_size: int = _f(256, doc="cap on texts per forward batch")
+    batch_tokens: int | None = _f(
+        None, doc="token budget per forward batch (null: 16384 on GPU, 1024 on CPU)"
+    )
+    max_batch_size: int | None = _f(None, doc="cap on texts per forward batch (null: 256 on GPU, 64 on CPU)")
     shard_size: int = _f(4096, doc="rows per cache shard (the unit of atomic writes and resume)")
 
 
@@ -87,7 +91,9 @@ class TeacherConfig:
 class MRLConfig:
     """Matryoshka reduced dimensions of the student."""
 
-    mode: Literal["heads", "truncate", "none"] = _f("heads", doc="heads: one Linear per dim; truncate: prefixes")
+    mode: Literal["heads", "truncate", "none"] = _f(
+        "heads", doc="heads: one Linear per dim; truncate: prefixes"
+    )
     dims: list[int] = _f(factory=list, doc="reduced output dims, e.g. [1024, 512, 256]")
 
 
@@ -151,7 +157,9 @@ class StageConfig:
 class TrainConfig:
     """Run-wide trainer settings."""
 
-    checkpoint_every: int = _f(500, doc="save a checkpoint every this many optimizer steps (0: stage ends only)")
+    checkpoint_every: int = _f(
+        500, doc="save a checkpoint every this many optimizer steps (0: stage ends only)"
+    )
     keep_checkpoints: int = _f(2, doc="keep this many most recent step checkpoints")
     resume: str | None = _f("auto", doc="auto: continue the newest checkpoint in output_dir; a path; or null")
     gather_across_devices: bool = _f(True, doc="compute in-batch losses over the global batch under DDP")
@@ -413,9 +421,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
         if not t.name.strip() or "/" in t.name or t.name in (".", ".."):
-            raise ConfigError(f"teachers.{i}.name: must be a non-empty folder name without '/'; got {t.name!r}")
+            raise ConfigError(
+                f"teachers.{i}.name: must be a non-empty folder name without '/'; got {t.name!r}"
+            )
         if t.name in seen:
-            raise ConfigError(f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})")
+            raise ConfigError(
+                f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})"
+            )
         seen[t.name] = i
         if not t.model.strip():
             raise ConfigError(f"teachers.{i}.model: must not be empty")

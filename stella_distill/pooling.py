@@ -91,7 +91,11 @@ def load_backbone(
     try:
         return _load(AutoModel.from_pretrained, name_or_path, field=field, **kwargs)
     except UserError as exc:
-        if attn_implementation and ("attn_implementation" in str(exc) or "sdpa" in str(exc).lower()):
+        text = str(exc).lower()
+        if attn_implementation and any(
+            k in text for k in ("attn_implementation", "sdpa", "attention implementation")
+        ):
+            # an architecture without that kernel (e.g. MPNet has no SDPA): use its default one
             kwargs.pop("attn_implementation", None)
             return _load(AutoModel.from_pretrained, name_or_path, field=field, **kwargs)
         raise

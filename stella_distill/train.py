@@ -336,6 +336,12 @@ def train(cfg: ExperimentConfig) -> Path:
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
     lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
     target_dim = sum(c.dim for c in caches)
+    if cfg.student.target_dim is not None and cfg.student.target_dim != target_dim:
+        dims = " + ".join(f"{c.dim} ({t.name})" for c, t in zip(caches, cfg.teachers))
+        raise UserError(
+            f"student.target_dim: {cfg.student.target_dim} differs from the teachers' concatenated dim "
+            f"{dims} = {target_dim}; leave it unset or make it match"
+        )
 
     # ---- student and resume point
     torch.manual_seed(cfg.seed)

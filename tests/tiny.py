@@ -26,7 +26,9 @@ def _bert_tokenizer(path: Path):
     from transformers import BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
-    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,!?'-0123456789")
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list(
+        "abcdefghijklmnopqrstuvwxyz.,!?'-0123456789"
+    )
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))})
     path.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(path)
@@ -49,7 +51,9 @@ def _qwen2_tokenizer(path: Path):
     return tok
 
 
-def make_tiny_bert(path: str | Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.1) -> Path:
+def make_tiny_bert(
+    path: str | Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, dropout: float = 0.1
+) -> Path:
     """Save a random-weight BERT (``hidden`` wide, ``layers`` deep) and its tokenizer to ``path``."""
     import torch
     from transformers import BertConfig, BertModel

@@ -1,0 +1,209 @@
+"""Corpus loading: every source format, limits, skip counts, file:line errors, the fingerprint."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stella_distill.config import DataConfig, SourceConfig, from_dict
+from stella_distill.data import Corpus, corpus_fingerprint, load_corpus, text_hashes
+from stella_distill.errors import UserError
+
+
+def _corpus(*sources: dict, log=None, **data) -> Corpus:
+    cfg = DataConfig(train=[SourceConfig(**s) for s in sources], **data)
+    lines: list[str] = []
+    corpus = load_corpus(cfg, log=lines.append)
+    if log is not None:
+        log.extend(lines)
+    return corpus
+
+
+def _write(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return str(path)
+
+
+def test_text_hashes_are_blake2b_prefixes():
+    hashes = text_hashes(["a", "héllo"])
+    for text, h in zip(["a", "héllo"], hashes):
+        want = int.from_bytes(hashlib.blake2b(text.encode("utf-8")).digest()[:8], "little")
+        assert int(h) == want
+    assert hashes.dtype == np.uint64
+    assert corpus_fingerprint(hashes) == hashlib.sha256(hashes.astype("<u8").tobytes()).hexdigest()
+
+
+def test_every_format_reads_the_same_texts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    want = ["first text", "second, with a comma", 'third "quoted"', "  inner  spaces kept  "]
+    txt = _write(tmp_path / "c.txt", "\n".join(want) + "\n")
+    jsonl = _write(
+        tmp_path / "c.jsonl", "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(want))
+    )
+    json_list = _write(tmp_path / "c.json", json.dumps([{"body": t} for t in want], indent=1))
+    json_lines = _write(tmp_path / "l.json", "".join(json.dumps({"body": t}) + "\n" for t in want))
+    pq.write_table(pa.table({"body": want, "n": list(range(4))}), tmp_path / "c.parquet")
+    import csv
+
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body"])
+        w.writerows([i, t] for i, t in enumerate(want))
+    for path, field in [
+        (txt, "text"),
+        (jsonl, "body"),
+        (json_list, "body"),
+        (json_lines, "body"),
+        (str(tmp_path / "c.parquet"), "body"),
+        (str(tmp_path / "c.csv"), "body"),
+    ]:
+        corpus = _corpus({"path": path, "text_field": field})
+        assert corpus.texts == want, path
+        assert corpus.fingerprint == corpus_fingerprint(text_hashes(want))
+
+
+def test_saved_dataset_folder_and_folder_of_files(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["x one", "x two"]}).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"dev": datasets.Dataset.from_dict({"text": ["d one"]})}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    (tmp_path / "files").mkdir()
+    _write(tmp_path / "files" / "b.txt", "b1\nb2\n")
+    _write(tmp_path / "files" / "a.jsonl", '{"text": "a1"}\n')
+    assert _corpus({"path": str(tmp_path / "saved")}).texts == ["x one", "x two"]
+    assert _corpus({"path": str(tmp_path / "dd"), "split": "dev"}).texts == ["d one"]
+    with pytest.raises(UserError, match=r"data.train.0.split: 'train' is not a split .*dev"):
+        _corpus({"path": str(tmp_path / "dd")})
+    assert _corpus({"path": str(tmp_path / "files")}).texts == ["a1", "b1", "b2"]
+
+
+def test_concatenation_limits_dedupe_and_the_summary_line(tmp_path):
+    a = _write(tmp_path / "a.txt", "a1\n\n   \na2\na3\nshared\n")
+    b = _write(
+        tmp_path / "b.jsonl",
+        '{"text": "b1"}\n{"text": null}\n{"text": 5}\n{"text": ""}\n{"text": "shared"}\n',
+    )
+    log: list[str] = []
+    corpus = _corpus({"path": a}, {"path": b}, log=log)
+    assert corpus.texts == ["a1", "a2", "a3", "shared", "b1", "shared"]
+    assert corpus.stats["skipped_empty"] == 3 and corpus.stats["skipped_non_string"] == 2
+    assert corpus.stats["read"] == 11
+    assert [s["kept"] for s in corpus.stats["sources"]] == [4, 2]
+    assert len(log) == 1
+    assert "6 texts from 2 source(s)" in log[0]
+    assert "skipped 3 empty or whitespace-only and 2 non-string" in log[0]
+
+    deduped = _corpus({"path": a}, {"path": b}, dedupe=True, log=log)
+    assert deduped.texts == ["a1", "a2", "a3", "shared", "b1"]
+    assert deduped.stats["duplicates_dropped"] == 1 and "dropped 1 duplicates" in log[-1]
+
+    assert _corpus({"path": a, "limit": 2}, {"path": b, "limit": 1}).texts == ["a1", "a2", "b1"]
+    assert _corpus({"path": a}, {"path": b}, limit=5).texts == ["a1", "a2", "a3", "shared", "b1"]
+
+
+def test_texts_are_kept_as_they_are_except_the_trailing_newline(tmp_path):
+    path = _write(tmp_path / "c.txt", " lead and trail \r\nsecond\tline\nlast without newline")
+    assert _corpus({"path": path}).texts == [" lead and trail ", "second\tline", "last without newline"]
+    jsonl = _write(tmp_path / "c.jsonl", json.dumps({"text": "two\nlines\n"}) + "\n")
+    assert _corpus({"path": jsonl}).texts == ["two\nlines"]
+
+
+def test_fingerprint_follows_content_not_how_it_is_split(tmp_path):
+    one = _write(tmp_path / "one.txt", "t1\nt2\nt3\n")
+    first = _write(tmp_path / "first.txt", "t1\n")
+    rest = _write(tmp_path / "rest.jsonl", '{"text": "t2"}\n{"text": "t3"}\n')
+    changed = _write(tmp_path / "changed.txt", "t1\nt2\nt3!\n")
+    whole = _corpus({"path": one})
+    split = _corpus({"path": first}, {"path": rest})
+    assert whole.fingerprint == split.fingerprint
+    assert np.array_equal(whole.row_hashes, split.row_hashes)
+    assert _corpus({"path": changed}).fingerprint != whole.fingerprint
+    assert _corpus({"path": one}, limit=2).fingerprint != whole.fingerprint
+
+
+@pytest.mark.parametrize(
+    "name, content, field, message",
+    [
+        ("c.jsonl", '{"text": "ok"}\n{"text": "a",}\n', "text", r"c\.jsonl:2: invalid JSON \("),
+        (
+            "c.jsonl",
+            '{"text": "ok"}\n["a list"]\n',
+            "text",
+            r"c\.jsonl:2: expected a JSON object .*got a list",
+        ),
+        (
+            "c.jsonl",
+            '{"text": "ok"}\n{"text": "ok"}\n{"body": "x", "id": 3}\n',
+            "text",
+            r"c\.jsonl:3: no field 'text' \(data\.train\.0\.text_field\).*error, not a skip.*has: body, id",
+        ),
+        ("c.json", '[{"text": "ok"}, {"txt": "no"}]', "text", r"c\.json: item 1: no field 'text'"),
+        ("c.json", '[{"text": "ok"},\n {"text": }]', "text", r"c\.json:2: invalid JSON"),
+        ("c.csv", "id,body\n1,x\n", "text", r"c\.csv:1: no column 'text' .*header has: id, body"),
+        ("c.csv", "id,text\n1,x\n2\n", "text", r"c\.csv:3: row has 1 columns, so no 'text'"),
+        ("c.txt", b"fine\nbad \xff byte\n", "text", r"c\.txt:2: not UTF-8 text"),
+        ("c.jsonl", b'{"text": "ok"}\n{"text": "\xe9"}\n', "text", r"c\.jsonl:2: not UTF-8 text"),
+        ("c.txt", "\n  \n\t\n", "text", r"data\.train: the corpus is empty after reading 3 rows \(3 empty"),
+        ("c.xml", "<a/>", "text", r"unsupported file type '\.xml'"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, name, content, field, message):
+    path = _write(tmp_path / name, content)
+    with pytest.raises(UserError, match=message):
+        _corpus({"path": path, "text_field": field})
+
+
+def test_missing_file_and_unreachable_hub_dataset(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"data\.train\.0\.path: .*nope\.jsonl: file not found"):
+        _corpus({"path": str(tmp_path / "nope.jsonl")})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(
+        UserError, match=r"data\.train\.1\.path: 'no-org/no-such-set' does not exist locally and the "
+    ):
+        _corpus({"path": _write(tmp_path / "a.txt", "a\n")}, {"path": "no-org/no-such-set"})
+
+
+def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
+    cfg = {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "data": data,
+        "teachers": [{"name": "t", "model": str(tmp_path / "no-model")}],
+    }
+    from_dict(cfg)
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "stella_distill", "precompute", str(tmp_path / "cfg.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("case", ["bad_json", "missing_file"])
+def test_cli_exits_2_with_one_line_for_corpus_errors(tmp_path, case):
+    if case == "bad_json":
+        path = _write(tmp_path / "corpus.jsonl", '{"text": "ok"}\n' * 16 + '{"text": oops}\n')
+        want = "corpus.jsonl:17: invalid JSON ("
+    else:
+        path = str(tmp_path / "missing.txt")
+        want = f"data.train.0.path: {path}: file not found"
+    proc = _cli(tmp_path, {"train": [{"path": path}]})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("stella-distill precompute: error: ") and want in lines[0]
