@@ -57,15 +57,37 @@ class CacheError(UserError):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    A failed write (disk full, read-only folder) removes its temp file and raises ``OSError``
+    naming ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise named_os_error(exc, path) from None
     _fsync_dir(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. the folder is gone or read-only: nothing left to clean
+        pass
+
+
+def named_os_error(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` if it names no file (writes to an open file name none)."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -290,12 +312,16 @@ def ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
     for rec in (Path(folder) / SHARDS).glob("shard-*.json"):
         rec.unlink()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
-    arr.flush()
-    del arr
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+        arr.flush()
+        del arr
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise named_os_error(exc, path) from None
     _fsync_dir(path.parent)
     return True
 
@@ -314,6 +340,8 @@ def write_shard(folder: Path, index: int, start: int, rows: np.ndarray, nonfinit
             written = os.pwrite(fd, view, position)
             view, position = view[written:], position + written
         os.fsync(fd)
+    except OSError as exc:  # e.g. disk full (a sparse vectors.npy takes its blocks now): no record
+        raise named_os_error(exc, path) from None
     finally:
         os.close(fd)
     record = {

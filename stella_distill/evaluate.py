@@ -481,7 +481,10 @@ def evaluate_model(
             f"{layout.full_dim}; this cache does not belong to this model"
         )
     out_dir = Path(out_dir) if out_dir is not None else model_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # an unwritable --out fails now, not after the scoring
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out: cannot create {exc.filename or out_dir}: {exc.strerror or exc}") from None
 
     model = load(model_dir, dim=dims[0], device=device)
     results: dict[int, dict[str, float]] = {}
@@ -514,8 +517,11 @@ def evaluate_model(
             "batch_size": batch_size,
         },
     }
-    (out_dir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    plot = plot_metrics_by_dim(result, out_dir / DIM_PLOT)
+    try:
+        (out_dir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plot = plot_metrics_by_dim(result, out_dir / DIM_PLOT)
+    except OSError as exc:
+        raise UserError(f"--out: cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
     if any(results.values()):
         print(format_table(results))
     else:

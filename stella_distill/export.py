@@ -361,6 +361,22 @@ def _check_out(out: Path) -> None:
         )
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """``"<path>: <reason>"`` if ``exc`` is a failed write (disk full, read-only, not a folder), else None.
+
+    Besides ``OSError`` this recognises what safetensors raises for the same causes (its own error type
+    carrying the OS error text), so a full disk while writing weights reads the same as anywhere else.
+    """
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror or exc}"
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError) and "os error" in str(exc).lower():
+        return " ".join(str(exc).split())
+    return None
+
+
 def _prepare_out(out: Path) -> Path:
     _check_out(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -399,6 +415,22 @@ def export_student(
     if student.prompt and student.prompt not in prompts.values():
         prompts.setdefault("document", student.prompt)
 
+    try:
+        return _write_export(student, out, default_dim, prompts, default_prompt_name, info)
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)  # give the space back
+        raise UserError(
+            f"{out}: cannot write the export ({reason}); an earlier export there, if any, is unchanged"
+        ) from None
+
+
+def _write_export(student, out: Path, default_dim: int, prompts: dict, default_prompt_name, info) -> Path:
+    full = int(student.target_dim)
+    mode = student.mrl_mode
+    dims = offered_dims(student)
     tmp = _prepare_out(out)
     student.backbone.save_pretrained(tmp)
     student.tokenizer.save_pretrained(tmp)
@@ -1111,9 +1143,12 @@ def export_run(
             info=info,
             default_dim_field="--dim" if dim is not None else "export.default_dim",
         )
-    write_model_card(
-        out, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license
-    )
+    try:
+        write_model_card(
+            out, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license
+        )
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the model card ({write_failure(exc)})") from None
     if verify:
         worst = verify_export(out, student)
         checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())

@@ -6,13 +6,14 @@ second `run` after completion only prints the report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stella_distill.config import ExperimentConfig
+from stella_distill.config import ExperimentConfig, MRLConfig
 
 
 def _final_matches(cfg: ExperimentConfig, run_dir: Path) -> bool:
@@ -44,9 +45,9 @@ def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
 
     out: dict[str, dict[str, float]] = {}
     torch.manual_seed(cfg.seed)
-    student = StudentModel.from_config(
-        cfg.student, target_dim=cfg.student.target_dim or 1, max_length=cfg.data.max_length
-    )
+    # only the backbone's pooled vector is scored: no projection, no heads
+    plain = dataclasses.replace(cfg.student, target_dim=None, mrl=MRLConfig(mode="none", dims=[]))
+    student = StudentModel.from_config(plain, target_dim=1, max_length=cfg.data.max_length)
     student.eval()
     for path in sts_files:
         s1, s2, scores = read_sts(path)

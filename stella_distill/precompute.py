@@ -12,8 +12,9 @@ Uses data, pooling and cache; never the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ class TeacherEncoder:
         self.left_padding = self.tokenizer.padding_side == "left"
         self.batch_tokens, self.max_batch_size = batch_limits(teacher, self.device)
         self._dim: int | None = None
+        self.truncated = 0  # texts longer than max_length tokens, cut by tokenize()
 
     @property
     def dim(self) -> int:
@@ -121,15 +123,27 @@ class TeacherEncoder:
         return self._dim
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of every text (prompt prepended, special tokens added, truncated)."""
-        return self.tokenizer(
-            with_prompt(texts, self.teacher.prompt),
-            add_special_tokens=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
+        """Token ids of every text (prompt prepended, special tokens added, truncated).
+
+        Texts longer than ``max_length`` tokens are cut and counted in ``self.truncated``. They are
+        found by tokenizing at ``max_length + 1`` (identical ids for every text that fits) and only
+        those are tokenized again at ``max_length``, so counting costs no second pass over the corpus.
+        """
+        prompted = with_prompt(texts, self.teacher.prompt)
+        options = {
+            "add_special_tokens": True,
+            "truncation": True,
+            "return_attention_mask": False,
+            "return_token_type_ids": False,
+        }
+        ids = self.tokenizer(prompted, max_length=self.max_length + 1, **options)["input_ids"]
+        cut = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        if cut:
+            again = self.tokenizer([prompted[i] for i in cut], max_length=self.max_length, **options)
+            for i, x in zip(cut, again["input_ids"]):
+                ids[i] = x
+            self.truncated += len(cut)
+        return ids
 
     def encode(self, texts: list[str], progress: Callable[[int], Any] | None = None) -> np.ndarray:
         """Encode ``texts`` into float32 ``(len(texts), dim)``, rows in input order.
@@ -207,6 +221,27 @@ def _on_main(state, fn: Callable[[], Any]) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _cache_writes(label: str, folder: Path) -> Iterator[None]:
+    """Turn a failed cache write (disk full, read-only or missing folder) into one line naming the path.
+
+    Finished shards stay recorded and valid; a shard that failed half-way has no record, so a rerun
+    redoes it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        try:
+            done = len(list((folder / cache_lib.SHARDS).glob("shard-*.json")))
+        except OSError:
+            done = 0
+        kept = f"the {done} finished shards are kept; " if done else ""
+        raise CacheError(
+            f"{label}: cannot write {exc.filename or folder}: {exc.strerror or exc}; {kept}"
+            f"free space or fix the folder, then rerun precompute to continue"
+        ) from None
+
+
 def _broadcast(objects: list[Any]) -> None:
     from accelerate.utils import broadcast_object_list
 
@@ -277,19 +312,19 @@ def _plan(cfg: ExperimentConfig, index: int, teacher: TeacherConfig, corpus: Cor
         raise CacheError(
             f"{label}: {folder} exists and is not a stella-distill cache; remove it or pick another cache_dir"
         )
+    with _cache_writes(label, folder):  # an unwritable cache_dir fails before the teacher loads
+        folder.mkdir(parents=True, exist_ok=True)
     return {"action": "encode", "build": build, "dim": None}
 
 
 def _prepare(folder: Path, plan: dict, dim: int, corpus: Corpus, label: str) -> list[int]:
     """Rank 0: create the files if needed; return the shards still to encode."""
     build = {**plan["build"], "dim": dim}
-    cache_lib.remove_temp_files(folder)
-    if plan["dim"] is None:
-        cache_lib.start_build(folder, build, corpus.row_hashes)
-    else:
-        if plan["dim"] != dim:
-            raise CacheError(f"{label}: an unfinished build has dim {plan['dim']}, the teacher gives {dim}")
-        if not (folder / cache_lib.ROW_HASHES).is_file():
+    if plan["dim"] is not None and plan["dim"] != dim:
+        raise CacheError(f"{label}: an unfinished build has dim {plan['dim']}, the teacher gives {dim}")
+    with _cache_writes(label, folder):
+        cache_lib.remove_temp_files(folder)
+        if plan["dim"] is None or not (folder / cache_lib.ROW_HASHES).is_file():
             cache_lib.start_build(folder, build, corpus.row_hashes)
         else:
             cache_lib.ensure_vectors_file(folder, build["rows"], dim)
@@ -309,7 +344,8 @@ def _finish(
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:
         raise RuntimeError(f"{label}: shards {missing[:10]} have no record after encoding")
-    manifest = cache_lib.write_manifest(folder, build, records, extra={"commit": commit})
+    with _cache_writes(label, folder):
+        manifest = cache_lib.write_manifest(folder, build, records, extra={"commit": commit})
     invalid = manifest["invalid_rows"]
     if invalid:
         shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
@@ -321,7 +357,7 @@ def _finish(
 
 
 def _encode_shard(
-    encoder: TeacherEncoder, folder: Path, index: int, start: int, texts: list[str], bar
+    encoder: TeacherEncoder, folder: Path, index: int, start: int, texts: list[str], bar, label: str
 ) -> None:
     vectors = encoder.encode(texts, progress=bar.update if bar is not None else None)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -329,7 +365,8 @@ def _encode_shard(
     # NaN/inf from the teacher, or values beyond float16's range: stored as zeros, listed invalid.
     bad = ~np.isfinite(half).all(axis=1)
     half[bad] = 0
-    cache_lib.write_shard(folder, index, start, half, (np.flatnonzero(bad) + start).tolist())
+    with _cache_writes(label, folder):
+        cache_lib.write_shard(folder, index, start, half, (np.flatnonzero(bad) + start).tolist())
 
 
 def _precompute_teacher(
@@ -352,6 +389,7 @@ def _precompute_teacher(
         teacher, max_length=cfg.teacher_max_length(teacher), index=index, device=state.device, log=log
     )
     dim = encoder.dim
+    encoder.truncated = 0  # count corpus texts only, not the dim probe
     todo = _on_main(state, lambda: _prepare(folder, plan, dim, corpus, label))
     bounds = cache_lib.shard_bounds(len(corpus), teacher.shard_size)
     mine = [i for i in todo if i % state.num_processes == state.process_index]
@@ -366,7 +404,7 @@ def _precompute_teacher(
     started = time.perf_counter()
     for i in mine:
         start, stop = bounds[i]
-        _encode_shard(encoder, folder, i, start, corpus.texts[start:stop], bar)
+        _encode_shard(encoder, folder, i, start, corpus.texts[start:stop], bar, label)
     if bar is not None:
         bar.close()
     state.wait_for_everyone()
@@ -374,10 +412,21 @@ def _precompute_teacher(
     commit = getattr(encoder.model.config, "_commit_hash", None)
     manifest = _on_main(state, lambda: _finish(folder, plan, dim, commit, label, log))
     encoded = sum(bounds[i][1] - bounds[i][0] for i in todo)
+    truncated = encoder.truncated
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        truncated = sum(gather_object([truncated]))
+    if truncated:
+        log(
+            f"teachers.{index}.max_length: {truncated} of the {encoded} texts encoded now are longer than "
+            f"{encoder.max_length} tokens and were truncated to it (raise teachers.{index}.max_length or "
+            f"data.max_length to keep them whole)"
+        )
     log(
         f"teacher {teacher.name}: {manifest['rows']} rows, dim {dim}, {encoded / max(seconds, 1e-9):.1f} texts/s "
         f"({encoded} encoded now in {len(todo)} shards on {state.num_processes} process(es), "
-        f"{len(manifest['invalid_rows'])} invalid) -> {folder}"
+        f"{len(manifest['invalid_rows'])} invalid, {truncated} truncated at {encoder.max_length} tokens) -> {folder}"
     )
     del encoder
     if torch.cuda.is_available():

@@ -411,6 +411,15 @@ def run_stage(
 ):  # fmt: skip
     """Train one stage: fresh optimizer and schedule, from the weights `model` holds (or `resume_dir`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.distributed_type.value == "DEEPSPEED" and (
+        stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
+    ):
+        # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
+        # accumulation and GradCache call backward() several times per optimizer step.
+        raise UserError(
+            f"stages.{stage_index}.grad_accumulation / train.embedding_chunk_size: not supported under "
+            f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
+        )
     torch.manual_seed(cfg.seed + 1 + stage_index)  # a stage starts from the same RNG state, resumed or not
     student = accelerator.unwrap_model(model)
     trainable = student.set_trainable(stage.trainable, stage.last_layers)
