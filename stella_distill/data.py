@@ -220,7 +220,7 @@ def _iter_json_lines(path: Path, text_field: str, where: str) -> Iterator[Any]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UserError(f"{path}:{lineno}: invalid JSON ({_json_problem(exc)})") from None
         if not isinstance(row, dict):
             raise UserError(
                 f"{path}:{lineno}: expected a JSON object with field {text_field!r}; got {_json_kind(row)}"
@@ -241,7 +241,7 @@ def _iter_json(path: Path, text_field: str, where: str) -> Iterator[Any]:
     try:
         items = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({_json_problem(exc)})") from None
     for k, item in enumerate(items):
         loc = f"{path}: item {k}"
         if isinstance(item, dict):
@@ -252,6 +252,12 @@ def _iter_json(path: Path, text_field: str, where: str) -> Iterator[Any]:
             raise UserError(
                 f"{loc}: expected an object with field {text_field!r} or a string; got {_json_kind(item)}"
             )
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # some messages end in "at" already ("Invalid control character at")
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"{msg} at column {exc.colno}"
 
 
 def _json_kind(value: Any) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stella_distill.errors import UserError
+from stella_distill.errors import UserError, write_failure  # noqa: F401 (public here too)
 
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -359,22 +359,6 @@ def _check_out(out: Path) -> None:
         raise UserError(
             f"{out}: folder exists, is not empty and is not an earlier export; choose another --out"
         )
-
-
-def write_failure(exc: BaseException) -> str | None:
-    """``"<path>: <reason>"`` if ``exc`` is a failed write (disk full, read-only, not a folder), else None.
-
-    Besides ``OSError`` this recognises what safetensors raises for the same causes (its own error type
-    carrying the OS error text), so a full disk while writing weights reads the same as anywhere else.
-    """
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename is not None else ""
-        return f"{where}{exc.strerror or exc}"
-    from safetensors import SafetensorError
-
-    if isinstance(exc, SafetensorError) and "os error" in str(exc).lower():
-        return " ".join(str(exc).split())
-    return None
 
 
 def _prepare_out(out: Path) -> Path:

@@ -80,11 +80,12 @@ def run_all(cfg: ExperimentConfig) -> dict:
     from stella_distill.evaluate import evaluate_model
     from stella_distill.export import export_run, push_to_hub, write_model_card
     from stella_distill.precompute import run_precompute
-    from stella_distill.train import train
+    from stella_distill.train import train, writing
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
 
     t = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,29 @@ def load_backbone(
         raise
 
 
+def _looks_local(name_or_path: str) -> bool:
+    """A path that cannot be a Hub model id (``org/name`` or ``name``)."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _load(fn, name_or_path: str, *, field: str, **kwargs):
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        # from_pretrained would answer with a confusing "Repo id must be in the form ..." error
+        raise UserError(f"{field}: {name_or_path}: no such model folder (Hub model ids look like org/name)")
     try:
         return fn(name_or_path, **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{field}: cannot load {name_or_path!r}: {first}") from None
+        hint = (
+            " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
+            if _offline()
+            else ""
+        )
+        raise UserError(f"{field}: cannot load {name_or_path!r}: {first}{hint}") from None
     except ValueError as exc:
         text = " ".join(str(exc).split())
         if "trust_remote_code" in text:

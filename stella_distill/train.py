@@ -27,8 +27,8 @@ from stella_distill import losses
 from stella_distill.cache import TeacherCache, build_target, open_caches
 from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus
-from stella_distill.errors import UserError
-from stella_distill.student import StudentModel
+from stella_distill.errors import UserError, write_failure
+from stella_distill.student import StudentModel, find_layer_list
 
 STATE_FILE = "trainer_state.json"
 
@@ -169,7 +169,37 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [
         p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
     ]
-    return sorted(found, key=lambda p: json.loads((p / STATE_FILE).read_text())["global_step"])
+    return sorted(found, key=_checkpoint_step)
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{ckpt / STATE_FILE}: unreadable checkpoint state ({type(exc).__name__}: {exc}); "
+            f"delete that checkpoint folder to resume from an earlier one"
+        ) from None
+
+
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path | None = None):
+    """Turn a failed write (disk full, read-only, not a folder) into a one-line UserError naming
+    ``path``; a half-written ``tmp`` folder is removed so it can never be taken as complete."""
+    try:
+        yield
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = shutil.disk_usage(path.parent if not path.exists() else path).free / 2**20
+            space = f"; {free:.0f} MiB free there"
+        except OSError:
+            space = ""
+        raise UserError(f"{path}: cannot write ({reason}){space}; finished checkpoints are kept") from None
 
 
 def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
@@ -208,23 +238,28 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / (f"step-{pos.global_step:08d}" + ("-end" if pos.stage_complete else ""))
     tmp = final.with_name(final.name + ".tmp")
+    with writing(final, tmp):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            student = accelerator.unwrap_model(model)
+            student.save_pretrained(tmp / "student", state_dict=state_dict)
+            dump_config(cfg, tmp / "config.yaml")
+            state = {**pos.__dict__, "stage_name": cfg.stages[pos.stage_index].name, "compat": _compat(cfg)}
+            state["world_size"] = accelerator.num_processes
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        student = accelerator.unwrap_model(model)
-        student.save_pretrained(tmp / "student", state_dict=state_dict)
-        dump_config(cfg, tmp / "config.yaml")
-        state = {**pos.__dict__, "stage_name": cfg.stages[pos.stage_index].name, "compat": _compat(cfg)}
-        state["world_size"] = accelerator.num_processes
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
+            (old / STATE_FILE).unlink()  # first, so a half-deleted folder is never listed as complete
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("*.tmp"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -272,7 +307,7 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.main:
             return
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(
@@ -326,14 +361,21 @@ def train(cfg: ExperimentConfig) -> Path:
     world = accelerator.num_processes
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
     corpus: Corpus = load_corpus(cfg.data, log=print if accelerator.is_main_process else (lambda *a: None))
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
+    if len(train_rows) == 0:
+        bad = ", ".join(f"{t.name}: {int((~c.valid_mask).sum())}" for c, t in zip(caches, cfg.teachers))
+        raise UserError(
+            f"data: no valid training rows: every row is held out or listed in a cache's invalid_rows "
+            f"(non-finite teacher vectors; {bad})"
+        )
     lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
     target_dim = sum(c.dim for c in caches)
     if cfg.student.target_dim is not None and cfg.student.target_dim != target_dim:
@@ -346,6 +388,12 @@ def train(cfg: ExperimentConfig) -> Path:
     # ---- student and resume point
     torch.manual_seed(cfg.seed)
     model = StudentModel.from_config(cfg.student, target_dim=target_dim, max_length=cfg.data.max_length)
+    n_layers = len(find_layer_list(model.backbone)[1])
+    for i, stage in enumerate(cfg.stages):
+        if stage.trainable == "last_layers" and not 1 <= stage.last_layers <= n_layers:
+            raise UserError(
+                f"stages.{i}.last_layers: {stage.last_layers} must be between 1 and the student's {n_layers} layers"
+            )
     resume_from, pos = _resume_point(cfg, run_dir)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / "student").state_dict())
@@ -371,13 +419,16 @@ def train(cfg: ExperimentConfig) -> Path:
     if accelerator.is_main_process:
         final = run_dir / "final"
         tmp = run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp / "student")
-        (tmp / STATE_FILE).write_text(
-            json.dumps({"global_step": pos.global_step, "stages": len(cfg.stages), "compat": _compat(cfg)})
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with writing(final, tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp / "student")
+            (tmp / STATE_FILE).write_text(
+                json.dumps(
+                    {"global_step": pos.global_step, "stages": len(cfg.stages), "compat": _compat(cfg)}
+                )
+            )
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         print(f"train: done after {pos.global_step} steps; student at {final / 'student'}")
     accelerator.wait_for_everyone()
     log.close()
@@ -434,7 +485,13 @@ def run_stage(
     accelerator.free_memory()
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if resume_dir is not None and start_step > 0:
-        accelerator.load_state(str(resume_dir))
+        try:
+            accelerator.load_state(str(resume_dir))
+        except Exception as exc:
+            raise UserError(
+                f"{resume_dir}: cannot resume from this checkpoint ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]}); delete it to resume from an earlier one"
+            ) from None
     student = accelerator.unwrap_model(model)
     amp = _autocast(stage, accelerator)
 

@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, env, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "stella_distill", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "stella_distill", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -24,7 +29,10 @@ def seeded_env(tmp_path_factory):
     """An environment whose Hugging Face cache holds the two real models, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
     check = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "setup_offline_models.py")], env=env, capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "setup_offline_models.py")],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if check.returncode != 0:
         pytest.fail(f"scripts/setup_offline_models.py failed:\n{check.stdout}\n{check.stderr}")
