@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"  # shipped copies of shared/data/corpus
 FILES = ("wordnet_glosses.txt", "wordnet_examples.txt", "fortunes.txt")
 
 
