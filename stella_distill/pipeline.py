@@ -98,6 +98,10 @@ def run_all(cfg: ExperimentConfig) -> dict:
     else:
         train(cfg)
     timings["train_s"] = time.perf_counter() - t
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: export and evaluation run once
+        return {}
 
     sts = list(cfg.evaluate.sts)
     baseline_file = run_dir / "baseline.json"

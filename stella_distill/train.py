@@ -258,8 +258,9 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep]:
             (old / STATE_FILE).unlink()  # first, so a half-deleted folder is never listed as complete
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("*.tmp"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in root.iterdir():  # *.tmp or half-pruned folders left by a killed run
+            if stale.is_dir() and stale != final and not (stale / STATE_FILE).is_file():
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -339,6 +339,9 @@ def test_cpu_ddp_config_starts_two_connected_processes(tmp_path):
             row = [acc.process_index, acc.num_processes, acc.distributed_type.value, total]
             with open(f"{sys.argv[1]}/rank{acc.process_index}.json", "w") as f:
                 json.dump(row, f)
+            # leave together: a rank that exits while the other is still in gloo makes it abort
+            acc.wait_for_everyone()
+            torch.distributed.destroy_process_group()
             """
         )
     )
