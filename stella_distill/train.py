@@ -481,7 +481,7 @@ def run_stage(
         trainable = [n for n in trainable if not n.startswith("mrl_heads.")]
     global_batch = stage.batch_size * world
     steps = stage_steps(stage, len(train_rows), global_batch)
-    optimizer = _optimizer(student, stage, fused=accelerator.device.type == "cuda")
+    optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
