@@ -26,53 +26,49 @@ def _final_matches(cfg: ExperimentConfig, run_dir: Path) -> bool:
     return state.get("compat") == _compat(cfg) and state.get("stages") == len(cfg.stages)
 
 
-def _sts_spearman(a: np.ndarray, b: np.ndarray, scores: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+class _Lookup:
+    """Precomputed vectors behind the ``encode(texts, batch_size=...)`` that ``evaluate.sts_spearman`` calls."""
 
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float(spearmanr((a * b).sum(1), scores).statistic * 100)
+    def __init__(self, texts: list[str], vectors: np.ndarray):
+        self.index = {t: i for i, t in enumerate(texts)}
+        self.vectors = vectors
+
+    def encode(self, texts, batch_size=None, **_):
+        return self.vectors[[self.index[t] for t in texts]]
 
 
 def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
     """STS Spearman before training: the cut student's plain pooled vector, each teacher, and the target
-    (normalised teacher vectors concatenated), so the README can show start, end and ceiling."""
+    (normalised teacher vectors concatenated), so the README can show start, end and ceiling.
+
+    Every model encodes the unique sentences of all files once; scoring is `evaluate.sts_spearman`.
+    """
     import torch
 
-    from stella_distill.evaluate import read_sts
+    from stella_distill.evaluate import read_sts, sts_spearman
     from stella_distill.precompute import TeacherEncoder
     from stella_distill.student import StudentModel
 
-    out: dict[str, dict[str, float]] = {}
+    texts = list(dict.fromkeys(t for path in sts_files for side in read_sts(path)[:2] for t in side))
+    models: dict[str, np.ndarray] = {}
     torch.manual_seed(cfg.seed)
     # only the backbone's pooled vector is scored: no projection, no heads
     plain = dataclasses.replace(cfg.student, target_dim=None, mrl=MRLConfig(mode="none", dims=[]))
-    student = StudentModel.from_config(plain, target_dim=1, max_length=cfg.data.max_length)
-    student.eval()
-    for path in sts_files:
-        s1, s2, scores = read_sts(path)
-        scores = np.asarray(scores, dtype=np.float64)
-        name = Path(path).name
-        res: dict[str, float] = {}
-        with torch.no_grad():
-            pooled = []
-            for texts in (s1, s2):
-                parts = []
-                for i in range(0, len(texts), 64):
-                    f = student.tokenize(texts[i : i + 64])
-                    parts.append(student.embed(**f).numpy())
-                pooled.append(np.concatenate(parts))
-        res["student_start"] = _sts_spearman(pooled[0], pooled[1], scores)
-        target = [[], []]
-        for i, teacher in enumerate(cfg.teachers):
-            enc = TeacherEncoder(teacher, max_length=cfg.teacher_max_length(teacher), field=f"teachers.{i}")
-            v1, v2 = enc.encode(s1), enc.encode(s2)
-            res[f"teacher:{teacher.name}"] = _sts_spearman(v1, v2, scores)
-            for side, v in enumerate((v1, v2)):
-                target[side].append(v / np.linalg.norm(v, axis=1, keepdims=True))
-        res["target"] = _sts_spearman(np.concatenate(target[0], 1), np.concatenate(target[1], 1), scores)
-        out[name] = res
-    return out
+    student = StudentModel.from_config(plain, target_dim=1, max_length=cfg.data.max_length).eval()
+    with torch.no_grad():
+        models["student_start"] = np.concatenate(
+            [student.embed(**student.tokenize(texts[i : i + 64])).numpy() for i in range(0, len(texts), 64)]
+        )
+    normalised = []
+    for i, teacher in enumerate(cfg.teachers):
+        enc = TeacherEncoder(teacher, max_length=cfg.teacher_max_length(teacher), field=f"teachers.{i}")
+        models[f"teacher:{teacher.name}"] = v = enc.encode(texts)
+        normalised.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    models["target"] = np.concatenate(normalised, axis=1)
+    return {
+        Path(path).name: {name: sts_spearman(_Lookup(texts, v), path) for name, v in models.items()}
+        for path in sts_files
+    }
 
 
 def run_all(cfg: ExperimentConfig) -> dict:
