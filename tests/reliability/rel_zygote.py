@@ -15,6 +15,12 @@ A job may name a ``fault``: a test-only way to make a write fail with ENOSPC ins
 
 - ``{"kind": "pwrite", "after": N}``: ``os.pwrite`` of the cache writes half its bytes and then
   fails from the (N+1)-th call on (a disk that fills up in the middle of a shard).
+- ``{"kind": "pwrite_pause", "after": N, "seconds": S}``: from the (N+1)-th call on, ``os.pwrite`` of
+  the cache writes all its bytes and then sleeps S seconds (a slow disk: it holds a shard's rows on
+  disk without their record long enough for a kill to land there on any machine).
+- ``{"kind": "torch_save_pause", "after": N, "seconds": S}``: from the (N+1)-th call on, ``torch.save``
+  saves and then sleeps S seconds (a slow disk under a checkpoint write: its temp folder stays in
+  flight long enough for a kill to land there).
 - ``{"kind": "torch_save", "after": N}``: ``torch.save`` fails from the (N+1)-th call on after writing
   a few bytes (a disk that fills up in the middle of a checkpoint).
 """
@@ -64,6 +70,21 @@ def _install_fault(fault: dict) -> None:
             return real(fd, data, offset)
 
         cache.os = _OsProxy(pwrite)
+    elif kind == "pwrite_pause":
+        import time
+
+        import stella_distill.cache as cache
+
+        real, seconds = os.pwrite, float(fault["seconds"])
+
+        def pwrite(fd, data, offset):
+            calls[0] += 1
+            written = real(fd, data, offset)
+            if calls[0] > after:
+                time.sleep(seconds)
+            return written
+
+        cache.os = _OsProxy(pwrite)
     elif kind == "torch_save":
         import torch
 
@@ -76,6 +97,21 @@ def _install_fault(fault: dict) -> None:
                     out.write(b"PK\x03\x04 partial")
                 raise full(str(f))
             return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    elif kind == "torch_save_pause":
+        import time
+
+        import torch
+
+        real_save, seconds = torch.save, float(fault["seconds"])
+
+        def save(obj, f, *args, **kwargs):
+            calls[0] += 1
+            out = real_save(obj, f, *args, **kwargs)
+            if calls[0] > after:
+                time.sleep(seconds)
+            return out
 
         torch.save = save
     else:

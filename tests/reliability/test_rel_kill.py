@@ -2,7 +2,10 @@
 
 Each kill lands at a seeded point in progress (a number of shard records or optimizer steps, plus a
 small random delay so that some land inside a write), in start-up, or right when a write is in
-flight (a ``checkpoints/*.tmp`` folder exists). After every kill the state on disk must be
+flight (a shard's rows are on disk without their record; a ``checkpoints/*.tmp`` folder exists).
+The in-flight kinds run the child on a "slow disk" (the fork server sleeps after each cache pwrite
+or checkpoint torch.save) so that they land inside the write whatever the machine's load; the other
+kinds run at full speed. After every kill the state on disk must be
 consistent (nothing half-written passes for complete); after the last, a plain rerun must end with
 a cache byte-identical to, and final weights equal to, an uninterrupted run.
 
@@ -69,7 +72,10 @@ def test_precompute_killed_10_times_resumes_byte_identical(pre_reference, rel_mo
     landed = []
     for kind, value in _precompute_plan(99):
         stale = _rows_without_record(folder)  # what earlier kills left; the rerun redoes it
-        job = zygote.start(["precompute", path])
+        # in_shard kills meet a slow disk (each shard's rows sit on disk 1 s before its record), so
+        # they land between the bytes and the record on any machine, loaded or not
+        fault = {"kind": "pwrite_pause", "after": 0, "seconds": 1.0} if kind == "in_shard" else None
+        job = zygote.start(["precompute", path], fault=fault)
         if kind == "build":
             fired = wait_for(lambda: (folder / "build.json").is_file(), job)
             time.sleep(value)
@@ -210,7 +216,10 @@ def test_train_killed_10_times_resumes_to_identical_weights(train_reference, zyg
         metrics = run / "metrics.jsonl"
         lines = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         before = tmp_snapshot()
-        job = zygote.start(["train", path])
+        # ckpt_tmp kills meet a slow disk (each torch.save of a checkpoint then waits 0.5 s), so they
+        # land while the checkpoint's temp folder is in flight on any machine, loaded or not
+        fault = {"kind": "torch_save_pause", "after": 0, "seconds": 0.5} if kind == "ckpt_tmp" else None
+        job = zygote.start(["train", path], fault=fault)
         if kind == "time":
             fired = wait_for(_after(value), job)
         elif kind == "step":
