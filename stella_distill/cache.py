@@ -45,7 +45,7 @@ ROW_HASHES = "row_hashes.npy"
 SHARDS = "shards"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # The fields that decide what a teacher writes, in the order a mismatch is reported.
-TEACHER_FIELDS = ("model", "revision", "pooling", "prompt", "max_length", "normalize", "dtype")
+TEACHER_FIELDS = ("model", "revision", "pooling", "dense", "prompt", "max_length", "normalize", "dtype")
 
 
 class CacheError(UserError):
@@ -183,11 +183,20 @@ def expected_manifest_fields(teacher: TeacherConfig, max_length: int) -> dict:
     """
     local = Path(teacher.model).expanduser()
     revision = f"sha256:{weights_sha256(local)}" if local.is_dir() else teacher.revision
+    dense = teacher.dense or None  # absent from caches built without one: None == None
+    if dense:
+        from stella_distill.pooling import dense_location
+
+        where, subfolder = dense_location(teacher.model, dense)
+        folder = Path(where).expanduser() / subfolder
+        if folder.is_dir():  # a local head is told apart by its weights, like a local model
+            dense = f"{dense} (sha256:{weights_sha256(folder)})"
     return {
         "teacher": teacher.name,
         "model": teacher.model,
         "revision": revision,
         "pooling": teacher.pooling,
+        "dense": dense,
         "prompt": teacher.prompt,
         "max_length": int(max_length),
         "dtype": teacher.dtype,

@@ -79,6 +79,11 @@ class TeacherConfig:
     max_length: int | None = _f(None, doc="max tokens for this teacher (default: data.max_length)")
     dtype: DType = _f("float32", doc="compute dtype of the teacher forward pass")
     normalize: bool = _f(True, doc="L2-normalise vectors before they are cached")
+    dense: str | None = _f(
+        None,
+        doc="subfolder of the model (or a local folder) with a sentence-transformers Dense module "
+        "applied after pooling, e.g. 2_Dense_8192 for stella_en_1.5B_v5's 8192-d head",
+    )
     trust_remote_code: bool = _f(False, doc="allow the model's own Python code (off unless you trust it)")
     batch_tokens: int | None = _f(
         None, doc="token budget per forward batch (null: 16384 on GPU, 1024 on CPU)"

@@ -863,7 +863,8 @@ def render_model_card(
         for t in cfg.teachers:
             prompt = f"`{_md_escape(t.prompt)}`" if t.prompt else "(none)"
             out.append(
-                f"| {t.name} | `{t.model}`{f' @ {t.revision}' if t.revision else ''} | {t.pooling} | {prompt} | "
+                f"| {t.name} | `{t.model}`{f' @ {t.revision}' if t.revision else ''} | {t.pooling}"
+                f"{f' + `{t.dense}`' if t.dense else ''} | {prompt} | "
                 f"{cfg.teacher_max_length(t)} |"
             )
         out += [

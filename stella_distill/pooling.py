@@ -132,3 +132,65 @@ def _load(fn, name_or_path: str, *, field: str, **kwargs):
                 f"{field}: {name_or_path} needs trust_remote_code: true (it runs the model's own code)"
             ) from None
         raise UserError(f"{field}: cannot load {name_or_path!r}: {text[:300]}") from None
+
+
+def dense_location(model: str, dense: str) -> tuple[str, str]:
+    """Where the Dense module ``dense`` of ``model`` lives: ``(name_or_path, subfolder)``.
+
+    A ``dense`` that starts with ``/``, ``.`` or ``~`` is a folder of its own; anything else is a
+    subfolder of the model (a local folder or a Hub repository, as in ``2_Dense_8192``).
+    """
+    if dense.startswith(("/", ".", "~")):
+        return str(Path(dense).expanduser()), ""
+    return model, dense.strip("/")
+
+
+def load_dense(
+    model: str, dense: str, *, revision: str | None, trust_remote_code: bool, field: str
+) -> torch.nn.Module:
+    """The sentence-transformers ``Dense`` module named by ``teachers.N.dense``, in float32, eval mode.
+
+    Loaded with sentence-transformers' own loader (config.json + safetensors or pytorch_model.bin,
+    local folder or Hub repository, HF cache offline), so a released model's head (e.g.
+    stella_en_1.5B_v5's ``2_Dense_8192``) is applied exactly as ``SentenceTransformer`` applies it.
+    Returns a module mapping ``(B, in_features)`` to ``(B, out_features)``; errors name ``field``.
+    """
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Dense
+
+    where, subfolder = dense_location(model, dense)
+    local = Path(where).expanduser()
+    if local.is_dir() and not (local / subfolder / "config.json").is_file():
+        raise UserError(f"{field}: {local / subfolder}: no Dense module here (config.json missing)")
+    if _looks_local(where) and not local.is_dir():
+        raise UserError(f"{field}: {where}: no such folder")
+    try:
+        module = Dense.load(
+            where, subfolder=subfolder, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (
+            " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
+            if _offline()
+            else ""
+        )
+        raise UserError(
+            f"{field}: cannot load the Dense module {dense!r} of {model!r}: {first[:300]}{hint}"
+        ) from None
+    return _DenseHead(module).eval()
+
+
+class _DenseHead(torch.nn.Module):
+    """A sentence-transformers Dense module as a plain ``(B, in) -> (B, out)`` float32 map."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module.float()
+        self.in_features = int(module.linear.in_features)
+        self.out_features = int(module.linear.out_features)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.module({"sentence_embedding": pooled.float()})["sentence_embedding"]

@@ -26,7 +26,7 @@ from stella_distill.cache import CacheError, TeacherCache
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.errors import UserError
-from stella_distill.pooling import DTYPES, load_backbone, load_tokenizer, pool, with_prompt
+from stella_distill.pooling import DTYPES, load_backbone, load_dense, load_tokenizer, pool, with_prompt
 
 
 def length_batches(
@@ -98,6 +98,15 @@ class TeacherEncoder:
             teacher.model, dtype=DTYPES[teacher.dtype], attn_implementation="sdpa", **common
         )
         self.model.to(self.device).eval()
+        self.dense = None  # the model's own Dense head (teachers.N.dense), applied after pooling
+        if teacher.dense:
+            self.dense = load_dense(
+                teacher.model,
+                teacher.dense,
+                revision=teacher.revision,
+                trust_remote_code=teacher.trust_remote_code,
+                field=f"{self.field}.dense",
+            ).to(self.device)
         self.max_length = int(max_length)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and 0 < limit < self.max_length:
@@ -185,6 +194,13 @@ class TeacherEncoder:
             output = self.model(input_ids=input_ids_t, attention_mask=mask_t)
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             pooled = pool(hidden, mask_t, self.teacher.pooling).float()
+            if self.dense is not None:
+                if pooled.shape[1] != self.dense.in_features:
+                    raise UserError(
+                        f"{self.field}.dense: the Dense module takes {self.dense.in_features}-d input; "
+                        f"{self.teacher.model} pools to {pooled.shape[1]}-d"
+                    )
+                pooled = self.dense(pooled)
             if self.teacher.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled.cpu().numpy()

@@ -404,3 +404,17 @@ def test_shipped_data_has_licences_and_readme_counts():
     for f in sorted((data / "corpus").glob("*.txt")) + [data / "stsbenchmark" / "sts-dev.csv"]:
         count = sum(1 for line in f.read_text(encoding="utf-8").split("\n") if line)
         assert f"| `{f.relative_to(data).as_posix()}` | {count:,} |" in readme, f"README count for {f.name}"
+
+
+def test_jasper_targets_the_papers_12288_dims():
+    """4096 (NV-Embed-v2) + 8192 (stella_en_1.5B_v5 through its released 2_Dense_8192 head)."""
+    cfg = load_config(CONFIGS / "jasper_text.yaml")
+    nv, stella = cfg.teachers
+    assert (nv.model, nv.dense) == ("nvidia/NV-Embed-v2", None)
+    assert (stella.model, stella.dense, stella.pooling) == (
+        "NovaSearch/stella_en_1.5B_v5",
+        "2_Dense_8192",
+        "mean",
+    )
+    assert cfg.student.target_dim is None  # the sum of what the teachers produce: 12288
+    assert cfg.student.mrl.mode == "heads" and cfg.student.mrl.dims == [1024, 512, 256]

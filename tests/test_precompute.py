@@ -14,6 +14,7 @@ import torch
 
 from stella_distill.cache import CacheError, TeacherCache
 from stella_distill.config import TeacherConfig, from_dict
+from stella_distill.errors import UserError
 from stella_distill.precompute import TeacherEncoder, batch_limits, length_batches, run_precompute
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,6 +251,91 @@ def test_rerun_of_a_complete_cache_does_nothing(reference, monkeypatch, capsys):
     assert run_precompute(from_dict(cfg)) == [folder]
     assert "complete and matches; nothing to do" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+
+
+def _save_dense(dense, folder: Path, *, safe: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    dense.save(str(folder), safe_serialization=safe)
+
+
+def _with_dense_head(model: Path, into: Path, *, safe: bool, out_features: int = 48):
+    """A copy of ``model`` with a random sentence-transformers Dense head in ``2_Dense_<out>``
+    (Linear + bias, Identity activation: the layout of stella_en_1.5B_v5's ``2_Dense_8192``)."""
+    import shutil
+
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    shutil.copytree(model, into)
+    torch.manual_seed(7)
+    dense = Dense(32, out_features, bias=True, activation_function=torch.nn.Identity())
+    _save_dense(dense, into / f"2_Dense_{out_features}", safe=safe)
+    return into, dense
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_dense_head_is_applied_like_sentence_transformers(tmp_path, tiny_qwen2, texts, safe):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    model, dense = _with_dense_head(tiny_qwen2, tmp_path / "teacher", safe=safe)
+    weights = "model.safetensors" if safe else "pytorch_model.bin"
+    assert (model / "2_Dense_48" / weights).is_file()
+    st = SentenceTransformer(
+        modules=[
+            Transformer(str(model), max_seq_length=48),
+            Pooling(32, pooling_mode="lasttoken"),
+            dense,
+            Normalize(),
+        ],
+        device="cpu",
+    )
+    corpus = corpus_texts(texts, 30)
+    prompt = "Instruct: find the text\nQuery: "
+    want = st.encode(corpus, prompt=prompt, batch_size=8)
+    assert want.shape == (30, 48)
+
+    cfg = make_config(tmp_path, model, corpus, pooling="last_token", prompt=prompt, dense="2_Dense_48")
+    cfg["data"]["max_length"] = 48
+    (folder,) = run_precompute(from_dict(cfg))
+    cache = TeacherCache(folder)
+    assert cache.dim == 48 and cache.manifest["dense"].startswith("2_Dense_48 (sha256:")
+    cached = np.asarray(cache.vectors, dtype=np.float32)
+    cos = (cached * want).sum(axis=1) / np.linalg.norm(cached, axis=1)
+    assert cos.min() >= 0.999
+
+    # the head is part of what the cache is for: dropping it, or new head weights, is refused
+    without = {**cfg, "teachers": [{**cfg["teachers"][0], "dense": None}]}
+    with pytest.raises(
+        CacheError, match=r"built for dense '2_Dense_48 \(sha256:.*config says None \(teachers\.0\.dense\)"
+    ):
+        run_precompute(from_dict(without))
+    torch.manual_seed(8)
+    _save_dense(Dense(32, 48, activation_function=torch.nn.Identity()), model / "2_Dense_48", safe=safe)
+    with pytest.raises(CacheError, match=r"teachers\.0\.dense"):
+        run_precompute(from_dict(cfg))
+
+
+def test_dense_head_errors_name_the_field(tmp_path, tiny_bert, texts):
+    model, _ = _with_dense_head(tiny_bert, tmp_path / "teacher", safe=True)
+    teacher = {"name": "t", "model": str(model), "pooling": "mean"}
+    with pytest.raises(UserError, match=r"^teachers\.0\.dense: .*2_Dense_99: no Dense module here"):
+        TeacherEncoder(TeacherConfig(**teacher, dense="2_Dense_99"), max_length=32)
+    with pytest.raises(UserError, match=r"^teachers\.0\.dense: .*nowhere: no such folder"):
+        TeacherEncoder(TeacherConfig(**teacher, dense=str(tmp_path / "nowhere")), max_length=32)
+    # a head made for another model: 64-d input, the teacher pools to 32-d
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    _save_dense(Dense(64, 16), tmp_path / "wide")
+    encoder = TeacherEncoder(TeacherConfig(**teacher, dense=str(tmp_path / "wide")), max_length=32)
+    with pytest.raises(
+        UserError, match=r"^teachers\.0\.dense: the Dense module takes 64-d input; .* pools to 32-d"
+    ):
+        encoder.encode(["the cat"])
+    # a folder of its own (dense: /path) works the same as a subfolder
+    own = TeacherEncoder(TeacherConfig(**teacher, dense=str(model / "2_Dense_48")), max_length=32)
+    sub = TeacherEncoder(TeacherConfig(**teacher, dense="2_Dense_48"), max_length=32)
+    np.testing.assert_array_equal(own.encode(texts), sub.encode(texts))
+    assert own.dim == 48
 
 
 @pytest.mark.parametrize(

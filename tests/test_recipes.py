@@ -59,6 +59,21 @@ def stand_in(model_id: str, tiny: dict) -> str:
     return str(tiny["bert"])
 
 
+def _with_dense(model: Path, into: Path, subfolder: str) -> tuple[str, int]:
+    """A copy of ``model`` with a random sentence-transformers Dense head (2x its width) in ``subfolder``."""
+    import shutil
+
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    shutil.copytree(model, into)
+    width = json.loads((model / "config.json").read_text())["hidden_size"]
+    (into / subfolder).mkdir()
+    torch.manual_seed(23)
+    Dense(width, 2 * width, activation_function=torch.nn.Identity()).save(str(into / subfolder))
+    return str(into), 2 * width
+
+
 @pytest.mark.parametrize("recipe", ["stella_en_400M.yaml", "stella_en_1.5B.yaml", "jasper_text.yaml"])
 def test_recipe_architecture_runs_tiny(recipe, tiny_models, tmp_path):
     cfg = yaml.safe_load((ROOT / "configs" / recipe).read_text())
@@ -71,10 +86,15 @@ def test_recipe_architecture_runs_tiny(recipe, tiny_models, tmp_path):
     cfg["data"] = {"train": [{"path": str(corpus)}], "max_length": 32, "eval_limit": 4}
     dims = {"bert": 32, "qwen2": 48, "mistral": 40}
     real_target = cfg["student"].get("target_dim") or None
+    tiny_target = 0
     for t in cfg["teachers"]:
         t["model"] = stand_in(t["model"], tiny_models)
         t.update(max_length=32, batch_tokens=None, max_batch_size=None, shard_size=16, dtype="float32")
-    tiny_target = sum(dims[Path(t["model"]).name] for t in cfg["teachers"])
+        if t.get("dense"):  # the released Dense head (jasper: stella's 2_Dense_8192), scaled down
+            t["model"], out = _with_dense(Path(t["model"]), tmp_path / f"{t['name']}-model", t["dense"])
+            tiny_target += out
+        else:
+            tiny_target += dims[Path(t["model"]).name]
     scale = tiny_target / (real_target or sum(1 for _ in cfg["teachers"]) * 1024)
     mrl = cfg["student"]["mrl"]
     mrl["dims"] = sorted(
