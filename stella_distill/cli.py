@@ -112,3 +112,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stella-distill {args.verb}: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except Exception as exc:
+        rank = _lost_peer_rank(exc)
+        if rank is None:
+            raise
+        # Another process of the job stopped (its own error, e.g. a failed write on rank 0, is what
+        # the user needs); this one only saw the connection drop in the middle of a collective.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(
+            f"stella-distill {args.verb}: rank {rank}: another process of this job stopped ({first}); "
+            "its error is printed above; finished work is kept",
+            file=sys.stderr,
+        )
+        return 1
+
+
+PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "connection refused")
+
+
+def _lost_peer_rank(exc: BaseException) -> int | None:
+    """This process's rank when ``exc`` is a collective failing because a peer process went away."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    if isinstance(exc, RuntimeError) and any(k in str(exc).lower() for k in PEER_LOST):
+        return torch.distributed.get_rank()
+    return None

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,11 @@ def gather_outputs(outputs: dict[int, torch.Tensor], accelerator, enabled: bool)
         return outputs
     from torch.distributed.nn.functional import all_gather
 
-    return {d: torch.cat(all_gather(v.contiguous()), dim=0) for d, v in outputs.items()}
+    with warnings.catch_warnings():
+        # torch 2.1x marks it deprecated in favour of a private module; it is still the public,
+        # autograd-aware all_gather (sentence-transformers' gather_across_devices uses it too)
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return {d: torch.cat(all_gather(v.contiguous()), dim=0) for d, v in outputs.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,6 +222,31 @@ def test_two_processes_match_one_with_double_batch(tmp_path, models):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
 
 
+def test_a_failed_write_on_rank_0_stops_both_processes_with_one_line_each(tmp_path, models):
+    """Rank 0 cannot write its checkpoint (``checkpoints`` is a file): it exits with the path; rank 1,
+    blocked in the barrier, sees the connection drop and says so in one line instead of a traceback."""
+    cfg = base_config(tmp_path, models)
+    path = write_config(tmp_path, cfg)
+    cli("precompute", str(path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file the user put here")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "stella_distill", "train", str(path)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "world_size=2" in proc.stdout, proc.stdout
+    assert (
+        f"stella-distill train: error: {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}: cannot write ("
+        in err
+    ), err
+    assert "stella-distill train: rank 1: another process of this job stopped (" in err, err
+    assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err, err
+    assert (tmp_path / "run" / "checkpoints").read_text() == "a file the user put here"
+
+
 def test_kill_and_resume_gives_identical_weights(tmp_path, models):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
