@@ -20,11 +20,13 @@ This module is numpy only: no torch, no trainer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,24 +58,31 @@ class CacheError(UserError):
 # Small file helpers
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; the file written there then replaces ``path`` atomically.
 
-    A failed write (disk full, read-only folder) removes its temp file and raises ``OSError``
-    naming ``path``.
+    On leaving, the temp file is fsynced, renamed over ``path`` and the folder fsynced, so readers
+    see the old file or the whole new one. A failed write (disk full, read-only folder) removes the
+    temp file and raises ``OSError`` naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
         raise named_os_error(exc, path) from None
     _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -320,18 +329,10 @@ def ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
             pass
     for rec in (Path(folder) / SHARDS).glob("shard-*.json"):
         rec.unlink()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replaced_atomically(path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
         arr.flush()
         del arr
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise named_os_error(exc, path) from None
-    _fsync_dir(path.parent)
     return True
 
 

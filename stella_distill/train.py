@@ -411,23 +411,31 @@ def train(cfg: ExperimentConfig) -> Path:
             + (f", resuming from {resume_from}" if resume_from else "")
         )
 
+    prepared = False  # whether `model` is wrapped by accelerator.prepare (a stage ran in this process)
     for stage_index, stage in enumerate(cfg.stages):
         if stage_index < pos.stage_index or (stage_index == pos.stage_index and pos.stage_complete):
             continue
         resume_here = resume_from if (resume_from is not None and stage_index == pos.stage_index) else None
         start = pos.stage_step if resume_here is not None else 0
+        if prepared and _shards_parameters(accelerator):
+            model = _rebuilt_student(cfg, model, accelerator)  # the old wrapped model is released here
         model, global_step = run_stage(
             cfg, stage_index, stage, model, accelerator, log, corpus, caches, train_rows, eval_rows, lengths,
             start_step=start, global_step=pos.global_step, resume_dir=resume_here,
         )  # fmt: skip
         pos = Position(stage_index, 0, global_step, True)
+        prepared = True
 
+    student = accelerator.unwrap_model(model)
+    # Under DeepSpeed ZeRO-3 / FSDP the student's own tensors are shards: gather the whole weights
+    # (a collective: every process takes part) and save those.
+    state_dict = accelerator.get_state_dict(model) if model is not student else None
     if accelerator.is_main_process:
         final = run_dir / "final"
         tmp = run_dir / "final.tmp"
         with writing(final, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp / "student")
+            student.save_pretrained(tmp / "student", state_dict=state_dict)
             (tmp / STATE_FILE).write_text(
                 json.dumps(
                     {"global_step": pos.global_step, "stages": len(cfg.stages), "compat": _compat(cfg)}
@@ -561,12 +569,14 @@ def run_stage(
                 "samples_per_s": global_batch * stage.grad_accumulation / dt, "tokens_per_s": n_tokens / dt,
                 "world_size": world,
             }  # fmt: skip
+            if accelerator.device.type == "cuda":  # peak so far on this process's GPU
+                row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
             log.log(row)
             progress.set_postfix(loss=f"{loss_value:.4f}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
             log.log(
                 evaluate_fidelity(
-                    student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
+                    model, student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
                 )
             )
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
@@ -574,11 +584,45 @@ def run_stage(
             save_checkpoint(accelerator, model, Path(cfg.output_dir), cfg, pos, cfg.train.keep_checkpoints)
     progress.close()
     log.log(
-        evaluate_fidelity(student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index)
+        evaluate_fidelity(
+            model, student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
+        )
     )
     pos = Position(stage_index, step, global_step, True)
     save_checkpoint(accelerator, model, Path(cfg.output_dir), cfg, pos, cfg.train.keep_checkpoints)
-    return accelerator.unwrap_model(model), global_step
+    return model, global_step  # as prepared (DDP / DeepSpeed engine / FSDP): the next stage unwraps it
+
+
+def _shards_parameters(accelerator) -> bool:
+    """DeepSpeed ZeRO-3 and FSDP: the prepared model's own tensors are shards (or flat views)."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return kind == "FSDP"
+
+
+def _rebuilt_student(cfg: ExperimentConfig, model, accelerator) -> StudentModel:
+    """A plain student holding the whole weights of a ZeRO-3 / FSDP-prepared one, ready to prepare again.
+
+    A model wrapped by FSDP (its layers are FSDP units) or partitioned by ZeRO-3 cannot be wrapped
+    a second time for the next stage's trainable set and optimizer; gathering the full weights into
+    a freshly built student gives that stage the previous stage's weights. The gather is a collective
+    and lands on the main process; the other processes receive the weights by broadcast.
+    """
+    prepared = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)
+    accelerator.free_memory()
+    student = StudentModel.from_config(
+        cfg.student, target_dim=prepared.target_dim, max_length=prepared.max_length
+    )
+    del model, prepared
+    if state:
+        student.load_state_dict(state)
+    if accelerator.num_processes > 1:
+        student.to(accelerator.device)
+        for tensor in student.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    return student
 
 
 def _backward(cfg, stage, model, student, features, target, accelerator, amp) -> dict[str, float]:
@@ -660,27 +704,36 @@ def _progress(cfg, accelerator, total, initial, name):
 
 @torch.no_grad()
 def evaluate_fidelity(
-    student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
+    model, student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
 ) -> dict:
-    """Teacher fidelity on held-out rows: mean cosine to the target (full dim) and losses per dim."""
+    """Teacher fidelity on held-out rows: mean cosine to the target (full dim) and losses per dim.
+
+    Every process runs the forward passes through ``model`` as prepared (under DeepSpeed ZeRO-3 and
+    FSDP a forward gathers parameter shards from all processes, so all must take part); the main
+    process computes and returns the figures. ``student`` is the unwrapped model, for tokenizing.
+    """
     row = {
         "step": global_step,
         "stage": stage.name,
         "stage_index": stage_index,
         "world_size": accelerator.num_processes,
     }
-    if len(eval_rows) == 0 or not accelerator.is_main_process:
+    if len(eval_rows) == 0:
         return row
-    was_training = student.training
-    student.eval()
+    was_training = model.training
+    model.eval()
     outs: dict[int, list[torch.Tensor]] = {}
-    for i in range(0, len(eval_rows), 64):
-        rows = eval_rows[i : i + 64]
-        features = {
-            k: v.to(accelerator.device) for k, v in student.tokenize([corpus.texts[r] for r in rows]).items()
-        }
-        for d, v in student(**features, mrl=True).items():
-            outs.setdefault(d, []).append(v.float().cpu())
+    with torch.no_grad():
+        for i in range(0, len(eval_rows), 64):
+            rows = eval_rows[i : i + 64]
+            texts = [corpus.texts[r] for r in rows]
+            features = {k: v.to(accelerator.device) for k, v in student.tokenize(texts).items()}
+            for d, v in model(**features, mrl=True).items():
+                outs.setdefault(d, []).append(v.float().cpu())
+    if was_training:
+        model.train()
+    if not accelerator.is_main_process:
+        return row
     target = torch.from_numpy(build_target(caches, eval_rows))
     full = torch.cat(outs[student.target_dim])
     row["eval/cosine"] = float(torch.nn.functional.cosine_similarity(full, target).mean())
@@ -688,6 +741,4 @@ def evaluate_fidelity(
     for d, parts in outs.items():
         v = torch.cat(parts)
         row[f"eval/similarity_mse@{d}"] = float(losses.similarity_loss(v[sample], target[sample]))
-    if was_training:
-        student.train()
     return row

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cache_files
 
 from stella_distill.cache import CacheError, TeacherCache
 from stella_distill.config import TeacherConfig, from_dict
@@ -45,20 +46,6 @@ def write_yaml(tmp_path: Path, cfg: dict) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
-
-
-def cache_files(folder: Path) -> dict[str, bytes]:
-    """Every file of a cache folder; the manifest without its timestamp and self-checksum."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                del m["created_at"], m["manifest_sha256"]
-                data = json.dumps(m, sort_keys=True).encode()
-            files[str(p.relative_to(folder))] = data
-    return files
 
 
 def one_thread_run(cfg: dict) -> list[Path]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import apply_overrides
 from safetensors.torch import load_file
 from tiny import WORDS, make_tiny_bert
 
@@ -76,13 +77,7 @@ def base_config(tmp: Path, models: dict, **over) -> dict:
         "train": {"checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
     }
-    for key, value in over.items():
-        node = cfg
-        *parts, last = key.split(".")
-        for part in parts:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = value
-    return cfg
+    return apply_overrides(cfg, over)
 
 
 def write_config(tmp: Path, cfg: dict) -> Path:
@@ -220,6 +215,43 @@ def test_two_processes_match_one_with_double_batch(tmp_path, models):
     w2 = student_weights(two / "run" / "final" / "student")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_runs_restart_each_stage_from_a_rebuilt_student_with_the_same_weights(
+    tmp_path, models, monkeypatch
+):
+    """Under ZeRO-3 / FSDP a prepared student cannot be wrapped again, so every stage after the first
+    starts from a fresh student loaded with the gathered weights. Forced on here (CPU has neither),
+    the run must end with exactly the weights of the plain path."""
+    import stella_distill.train as train_mod
+
+    runs = {}
+    for name, sharded in (("plain", False), ("rebuilt", True)):
+        (tmp_path / name).mkdir()
+        cfg = base_config(tmp_path / name, models, **{"train.checkpoint_every": 0})
+        if name == "rebuilt":
+            cfg["cache_dir"] = runs["plain"]["cache_dir"]
+        runs[name] = cfg
+        calls = []
+        real = train_mod._rebuilt_student
+
+        def counting(cfg_, model, accelerator, real=real, calls=calls):
+            calls.append(type(accelerator.unwrap_model(model)).__name__)
+            return real(cfg_, model, accelerator)
+
+        monkeypatch.setattr(train_mod, "_shards_parameters", lambda accelerator, s=sharded: s)
+        monkeypatch.setattr(train_mod, "_rebuilt_student", counting)
+        assert main(["precompute", str(write_config(tmp_path / name, cfg))]) == 0
+        train_mod.train(from_dict(cfg))
+        assert calls == (["StudentModel", "StudentModel"] if sharded else []), calls
+    want = student_weights(tmp_path / "plain" / "run" / "final" / "student")
+    got = student_weights(tmp_path / "rebuilt" / "run" / "final" / "student")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    plain = [r["loss"] for r in metrics(tmp_path / "plain" / "run") if "loss" in r]
+    rebuilt = [r["loss"] for r in metrics(tmp_path / "rebuilt" / "run") if "loss" in r]
+    assert plain == rebuilt and len(plain) == 9
 
 
 def test_a_failed_write_on_rank_0_stops_both_processes_with_one_line_each(tmp_path, models):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from helpers import apply_overrides
+from helpers import cache_files as cache_files  # the suite imports it from here
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -254,13 +256,7 @@ def experiment(root: Path, models: dict, corpus: Path, **over) -> dict:
         "train": {"checkpoint_every": 1, "keep_checkpoints": 2, "log_every": 1},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
     }  # fmt: skip
-    for key, value in over.items():
-        node = cfg
-        *parts, last = key.split(".")
-        for part in parts:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = value
-    return cfg
+    return apply_overrides(cfg, over)
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -271,20 +267,6 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # What a run leaves on disk
-
-
-def cache_files(folder: Path) -> dict[str, bytes]:
-    """Every file of a cache folder; the manifest without its timestamp and self-checksum."""
-    files = {}
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                del m["created_at"], m["manifest_sha256"]
-                data = json.dumps(m, sort_keys=True).encode()
-            files[str(p.relative_to(folder))] = data
-    return files
 
 
 def check_cache_consistent(folder: Path) -> dict:
