@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score an exported model: STS, retrieval, teacher fidelity")
     ev.add_argument("model_dir", help="sentence-transformers folder (an export)")
     ev.add_argument("--dims", type=int, nargs="*", default=None, help="dims to score (default: all offered)")
-    ev.add_argument("--sts", nargs="*", default=[], help="STS-B style tab-separated files")
+    ev.add_argument(
+        "--sts",
+        nargs="*",
+        default=[],
+        help="scored sentence pairs: STS-B's tab format, or csv/tsv/jsonl/parquet with sentence1/sentence2/score columns",
+    )
     ev.add_argument("--retrieval", nargs="*", default=[], help="BEIR folders")
     ev.add_argument("--cache", default=None, help="teacher cache root (with --config) for fidelity")
     ev.add_argument("--config", default=None, help="experiment YAML (with --cache) for fidelity")

@@ -206,7 +206,10 @@ class LoggingConfig:
 class EvaluateConfig:
     """Evaluation run after export by `stella-distill run`."""
 
-    sts: list[str] = _f(factory=list, doc="STS-B style tab-separated files (score col 4, texts cols 5, 6)")
+    sts: list[str] = _f(
+        factory=list,
+        doc="scored sentence-pair files: STS-B's tab format, or csv/tsv/jsonl/parquet with sentence1, sentence2, score columns",
+    )
     retrieval: list[str] = _f(factory=list, doc="BEIR folders (corpus.jsonl, queries.jsonl, qrels/)")
     batch_size: int = _f(64, doc="encode batch size")
     baseline: bool = _f(True, doc="also score the untrained student's pooled vectors")

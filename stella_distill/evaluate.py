@@ -3,8 +3,8 @@
 The model is loaded through sentence-transformers (``export.load``), i.e. exactly what users get.
 Reported per dim, correlations and retrieval metrics x100:
 
-- ``sts/<name>``: Spearman of cosine vs gold score on an STS-B style file (tab-separated: genre,
-  file, year, id, score, sentence 1, sentence 2, possibly more columns);
+- ``sts/<name>``: Spearman of cosine vs gold score on a scored sentence-pair file (STS-B's own tab
+  layout, or csv/tsv/jsonl/json/parquet with sentence1/sentence2/score columns: ``read_sts``);
 - ``retrieval/<name>/ndcg@10``, ``retrieval/<name>/recall@100`` on a BEIR folder (``corpus.jsonl``,
   ``queries.jsonl``, ``qrels/test.tsv``), computed as pytrec_eval/BEIR do (linear gain, queries with
   at least one relevant document, a document never retrieved for a query of the same id);
@@ -47,19 +47,53 @@ def _read_text(path: Path, what: str) -> str:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Read an STS-B style file: ``(sentences 1, sentences 2, gold scores)``.
+STS_COLUMNS = {  # accepted header names (lower case, '-' and ' ' read as '_'), first match wins
+    "sentence 1": ("sentence1", "sentence_1", "sentence_a", "sent1", "s1", "text1", "text_1", "text_a"),
+    "sentence 2": ("sentence2", "sentence_2", "sentence_b", "sent2", "s2", "text2", "text_2", "text_b"),
+    "score": ("score", "gold_score", "gold", "similarity", "similarity_score", "relatedness_score",
+              "label", "sim"),
+}  # fmt: skip
 
-    Lines are split on tabs only (the csv module mis-reads the stray quotes of STS-B); columns 5, 6
-    and 7 are score, sentence 1 and sentence 2, later columns are ignored. Blank lines and a header
-    line (score column reading ``score``) are skipped. A malformed line raises ``UserError`` naming
-    the file and line.
+
+def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Read a scored sentence-pair file: ``(sentences 1, sentences 2, gold scores)``.
+
+    Formats (Spearman ignores the score scale, so 0-5, 1-5 and 0-1 sets all work):
+
+    - STS-B's own distribution (``sts-dev.csv``): tab-separated, no header, columns 5, 6 and 7 are
+      score, sentence 1 and sentence 2, later columns ignored. Split on tabs only (the csv module
+      mis-reads the stray quotes of STS-B);
+    - a delimited file with a header naming the columns (``.tsv``/``.txt`` tab-separated, ``.csv``
+      comma-separated, quotes as the csv module reads them): sentence 1 as ``sentence1``,
+      ``sentence_a``, ``text1``..., sentence 2 likewise, the score as ``score``, ``label``,
+      ``similarity``, ``relatedness_score``... (``STS_COLUMNS``; SICK, MTEB and sentence-transformers
+      dumps use these);
+    - JSON lines (``.jsonl``, or ``.json`` holding a list of objects) and Parquet with those names.
+
+    Blank lines are skipped; a malformed line, a missing column or a non-numeric score raises
+    ``UserError`` naming the file (and line).
     """
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows, where = _parquet_rows(path), "row"
+    elif suffix in (".jsonl", ".json"):
+        rows, where = _json_rows(path)
+    else:
+        text = _read_text(path, "STS file").lstrip("\ufeff")
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        cols = first.split("\t")
+        if len(cols) >= 7 and (_is_number(cols[4]) or _key(cols[4]) == "score"):
+            return _read_stsb(path, text)  # STS-B's own layout: the score is the 5th column
+        rows, where = _delimited_rows(path, text, "," if suffix == ".csv" and "\t" not in first else "\t")
+    return _pairs(path, rows, where)
+
+
+def _read_stsb(path: Path, text: str) -> tuple[list[str], list[str], np.ndarray]:
     s1: list[str] = []
     s2: list[str] = []
     scores: list[float] = []
-    for lineno, line in enumerate(_read_text(path, "STS file").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -79,8 +113,132 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
         s1.append(cols[5])
         s2.append(cols[6])
         scores.append(score)
+    return _checked(path, s1, s2, scores)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _header_index(names: list[str]) -> dict[str, str] | None:
+    """``{role: column name}`` when ``names`` holds a column for each of the three roles, else None."""
+    keys = {_key(n): n for n in names}
+    found = {}
+    for role, aliases in STS_COLUMNS.items():
+        match = next((keys[a] for a in aliases if a in keys), None)
+        if match is None:
+            return None
+        found[role] = match
+    return found
+
+
+def _delimited_rows(path: Path, text: str, delimiter: str) -> tuple[list[tuple[int, dict]], str]:
+    import csv
+
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    rows: list[tuple[int, dict]] = []
+    header: list[str] | None = None
+    for cols in reader:
+        lineno = reader.line_num  # the physical line (a quoted field may span several)
+        if not any(c.strip() for c in cols):
+            continue
+        if header is None:
+            header = cols
+            if _header_index(header) is None:
+                raise UserError(
+                    f"{path}:{lineno}: no header naming the sentence and score columns "
+                    f"(e.g. sentence1, sentence2, score; got {', '.join(repr(c) for c in header[:8])}), "
+                    f"and not STS-B's 7 tab-separated columns"
+                )
+            continue
+        if len(cols) != len(header):
+            sep = "tab" if delimiter == "\t" else "comma"
+            raise UserError(
+                f"{path}:{lineno}: {len(cols)} {sep}-separated columns, the header has {len(header)}"
+            )
+        rows.append((lineno, dict(zip(header, cols))))
+    return rows, "line"
+
+
+def _json_rows(path: Path) -> tuple[list[tuple[int, dict]], str]:
+    text = _read_text(path, "STS file").lstrip("\ufeff")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        rows, where = list(enumerate(data if isinstance(data, list) else [data], 1)), "row"
+    else:
+        where = "line"
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except ValueError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, row in rows:
+        if not isinstance(row, dict):
+            loc = f"{path}:{lineno}" if where == "line" else f"{path}: row {lineno}"
+            raise UserError(f"{loc}: expected a JSON object with sentence and score fields")
+    return rows, where
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: STS file not found") from None
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise UserError(f"{path}: cannot read as Parquet ({exc})") from None
+    return list(enumerate(table.to_pylist(), 1))
+
+
+def _pairs(path: Path, rows: list[tuple[int, dict]], where: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Sentence pairs and scores from ``(line or row number, {column: value})`` records."""
+    names = list(rows[0][1]) if rows else []
+    index = _header_index(names)
+    if index is None:
+        wanted = "; ".join(f"{role}: one of {', '.join(a[:4])}..." for role, a in STS_COLUMNS.items())
+        raise UserError(
+            f"{path}: needs sentence and score columns ({wanted}); found {', '.join(map(str, names))}"
+        )
+    s1: list[str] = []
+    s2: list[str] = []
+    scores: list[float] = []
+    for lineno, row in rows:
+        loc = f"{path}:{lineno}" if where == "line" else f"{path}: row {lineno}"
+        a, b, raw = (row.get(index[r]) for r in ("sentence 1", "sentence 2", "score"))
+        if not isinstance(a, str) or not isinstance(b, str):
+            raise UserError(f"{loc}: the sentences must be text")
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{loc}: {index['score']!r} is not a number: {raw!r}") from None
+        if not math.isfinite(score):
+            raise UserError(f"{loc}: {index['score']!r} is not finite: {raw!r}")
+        s1.append(a)
+        s2.append(b)
+        scores.append(score)
+    return _checked(path, s1, s2, scores)
+
+
+def _checked(path: Path, s1: list[str], s2: list[str], scores: list[float]):
     if len(scores) < 2:
         raise UserError(f"{path}: needs at least 2 sentence pairs; found {len(scores)}")
+    if len(set(scores)) < 2:
+        raise UserError(f"{path}: every gold score is the same ({scores[0]}): Spearman is undefined")
     return s1, s2, np.asarray(scores, dtype=np.float64)
 
 
@@ -288,7 +446,7 @@ def _encode(
 
 
 def sts_spearman(model, path: str | Path, batch_size: int = 64, prompt_name: str | None = None) -> float:
-    """Spearman x100 of cosine(sentence 1, sentence 2) vs the gold scores of an STS-B style file.
+    """Spearman x100 of cosine(sentence 1, sentence 2) vs the gold scores of a ``read_sts`` file.
 
     ``model`` is a ``SentenceTransformer`` (``prompt_name`` picks one of its prompts; None means its
     default prompt, if any) or any object whose ``encode(texts, batch_size=...)`` returns vectors.

@@ -90,6 +90,85 @@ def test_read_sts(tmp_path):
         evaluate.read_sts(tmp_path / "missing.csv")
 
 
+PAIRS = [
+    ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+    ('She said "hi, there", then left.', "She left after greeting.", 2.5),
+    ("Tea, coffee, or juice?", "Which drink do you want?", 3.0),
+    ("The cat sleeps.", "Stocks fell sharply today.", 0.0),
+]
+
+
+def _write_formats(tmp_path: Path) -> dict[str, Path]:
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    out["stsb"] = tmp_path / "stsb.csv"
+    out["stsb"].write_text("".join(f"g\tf\t2012\t{i}\t{c}\t{a}\t{b}\n" for i, (a, b, c) in enumerate(PAIRS)))
+    out["tsv"] = tmp_path / "pairs.tsv"
+    out["tsv"].write_text(
+        "\ufeffsentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in PAIRS)
+    )
+    out["sick"] = tmp_path / "SICK.txt"
+    out["sick"].write_text(
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+        + "".join(f"{i}\t{a}\t{b}\t{c}\tNEUTRAL\n" for i, (a, b, c) in enumerate(PAIRS))
+    )
+    out["csv"] = tmp_path / "pairs.csv"
+    with out["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["idx", "Sentence 1", "Sentence 2", "Label"])
+        w.writerows([i, a, b, c] for i, (a, b, c) in enumerate(PAIRS))
+    out["jsonl"] = tmp_path / "pairs.jsonl"
+    out["jsonl"].write_text(
+        "".join(
+            json.dumps({"sentence1": a, "sentence2": b, "score": c, "split": "test"}) + "\n"
+            for a, b, c in PAIRS
+        )
+    )
+    out["json"] = tmp_path / "pairs.json"
+    out["json"].write_text(json.dumps([{"text1": a, "text2": b, "similarity": c} for a, b, c in PAIRS]))
+    out["parquet"] = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table({"sentence1": [a for a, _, _ in PAIRS], "sentence2": [b for _, b, _ in PAIRS],
+                  "score": [c / 5 for _, _, c in PAIRS]}),
+        out["parquet"],
+    )  # fmt: skip
+    return out
+
+
+def test_read_sts_reads_the_common_formats_alike(tmp_path):
+    for name, path in _write_formats(tmp_path).items():
+        s1, s2, scores = evaluate.read_sts(path)
+        assert s1 == [a for a, _, _ in PAIRS] and s2 == [b for _, b, _ in PAIRS], name
+        scale = 5 if name == "parquet" else 1
+        np.testing.assert_allclose(scores * scale, [c for _, _, c in PAIRS], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("a.tsv", "premise\thypothesis\tlabel\nx\ty\t1\n", r"a\.tsv:1: no header naming the sentence and score columns .*'premise'"),
+        ("a.csv", "sentence1,sentence2,score\nx,y,1\nx,y\n", r"a\.csv:3: 2 comma-separated columns, the header has 3"),
+        ("a.csv", "sentence1,sentence2,score\nx,y,1\n\"p\nq\",y,high\n", r"a\.csv:4: 'score' is not a number: 'high'"),
+        ("a.csv", "sentence1,sentence2,score\nx,y,nan\nx,z,1\n", r"a\.csv:2: 'score' is not finite"),
+        ("a.tsv", "sentence1\tsentence2\tscore\nx\ty\t1\nx\tz\t1\n", r"a\.tsv: every gold score is the same \(1\.0\)"),
+        ("a.jsonl", '{"sentence1": "x", "sentence2": "y", "score": 1}\n{"sentence1": "x"\n', r"a\.jsonl:2: not valid JSON"),
+        ("a.jsonl", '{"sentence1": "x", "sentence2": "y"}\n', r"a\.jsonl: needs sentence and score columns .*found sentence1, sentence2"),
+        ("a.jsonl", '{"sentence1": "x", "sentence2": null, "score": 1}\n', r"a\.jsonl:1: the sentences must be text"),
+        ("a.json", '[{"s1": "x", "s2": "y", "score": 1}, 3]', r"a\.json: row 2: expected a JSON object"),
+        ("a.parquet", "not parquet", r"a\.parquet: cannot read as Parquet"),
+    ],
+)  # fmt: skip
+def test_read_sts_errors_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        evaluate.read_sts(path)
+
+
 def test_sts_equals_direct_sentence_transformers(exported, tmp_path, capsys):
     folder, _ = exported
     path = tmp_path / "sts-dev.csv"
