@@ -44,7 +44,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 class SourceConfig:
     """One corpus source; several sources are concatenated in order."""
 
-    path: str = _f(doc="local file (.txt/.jsonl/.json/.parquet/.csv) or folder, or a Hugging Face dataset id")
+    path: str = _f(
+        doc="local file (.txt/.jsonl/.json/.parquet/.csv/.tsv; text formats also .gz/.bz2/.xz) or folder, "
+        "or a Hugging Face dataset id"
+    )
     text_field: str = _f("text", doc="column / JSON key holding the text (ignored for .txt)")
     split: str = _f("train", doc="dataset split (Hugging Face datasets only)")
     subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")

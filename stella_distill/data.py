@@ -16,7 +16,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import lzma
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,44 @@ from stella_distill.config import DataConfig, SourceConfig
 from stella_distill.errors import UserError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".tsv")
+COMPRESSIONS = (".gz", ".bz2", ".xz")  # text formats may be compressed: corpus.jsonl.gz, lines.txt.xz
+# what a truncated or corrupt compressed file raises while it is read (gzip/bz2: OSError; all: EOFError)
+DECOMPRESSION_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error)
+
+
+def file_format(path: str | Path) -> tuple[str, str | None]:
+    """``(format suffix, compression suffix or None)``: ``a.jsonl.gz`` -> ``(".jsonl", ".gz")``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def _is_data_file(path: str | Path) -> bool:
+    fmt, compression = file_format(path)
+    return fmt in FILE_SUFFIXES and not (compression and fmt == ".parquet")
+
+
+def open_binary(path: Path):
+    """``path`` opened for reading bytes, decompressed when its name ends in .gz, .bz2 or .xz."""
+    compression = file_format(path)[1]
+    if compression == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if compression == ".xz":
+        return lzma.open(path, "rb")
+    return path.open("rb")
+
+
+def _decompression_error(path: Path, exc: Exception) -> UserError:
+    return UserError(f"{path}: cannot decompress ({type(exc).__name__}: {exc}); is the file complete?")
+
+
 _DISK_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -157,16 +197,13 @@ def _iter_source(src: SourceConfig, where: str) -> Iterator[Any]:
 
 def _looks_local(path: str) -> bool:
     """A path that cannot be a Hub dataset id (``org/name`` or ``name``)."""
-    return (
-        path.startswith(("/", ".", "~"))
-        or path.count("/") > 1
-        or "\\" in path
-        or Path(path).suffix.lower() in FILE_SUFFIXES
-    )
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path or _is_data_file(path)
 
 
 def _iter_file(path: Path, text_field: str, where: str) -> Iterator[Any]:
-    suffix = path.suffix.lower()
+    suffix, compression = file_format(path)
+    if compression and suffix == ".parquet":
+        suffix = ".parquet" + compression  # parquet compresses inside the file; refused below
     if suffix == ".txt":
         for _, line in _decoded_lines(path):
             yield line
@@ -181,18 +218,28 @@ def _iter_file(path: Path, text_field: str, where: str) -> Iterator[Any]:
     else:
         raise UserError(
             f"{where}.path: {path}: unsupported file type {suffix or '(none)'!r}; "
-            f"expected one of {', '.join(FILE_SUFFIXES)}, a folder, or a Hugging Face dataset id"
+            f"expected one of {', '.join(FILE_SUFFIXES)} (text formats also as {', '.join(COMPRESSIONS)}), "
+            f"a folder, or a Hugging Face dataset id"
         )
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) per line; bytes that are not UTF-8 are an error naming the line."""
     try:
-        f = path.open("rb")
+        f = open_binary(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except DECOMPRESSION_ERRORS as exc:  # a truncated or corrupt compressed file
+                raise _decompression_error(path, exc) from None
+            lineno += 1
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -229,7 +276,15 @@ def _iter_json_lines(path: Path, text_field: str, where: str) -> Iterator[Any]:
 
 
 def _iter_json(path: Path, text_field: str, where: str) -> Iterator[Any]:
-    raw = path.read_bytes()
+    try:
+        with open_binary(path) as f:
+            raw = f.read()
+    except OSError as exc:
+        if exc.errno is None:  # gzip / bz2 format errors carry no errno
+            raise _decompression_error(path, exc) from None
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except DECOMPRESSION_ERRORS as exc:
+        raise _decompression_error(path, exc) from None
     try:
         body = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -318,7 +373,7 @@ def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
             ds = ds[src.split]
         yield from _dataset_column(ds, src, where)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p))
     if not files:
         raise UserError(
             f"{where}.path: {path}: the folder holds no saved dataset and no data files "

@@ -69,6 +69,43 @@ def test_every_format_reads_the_same_texts(tmp_path):
         assert corpus.fingerprint == corpus_fingerprint(text_hashes(want))
 
 
+def test_compressed_text_formats_read_like_the_plain_files(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    want = ["first text", "héllo wörld, with a comma", 'third "quoted"']
+    jsonl = "".join(json.dumps({"body": t}) + "\n" for t in want).encode()
+    files = {
+        "c.txt.gz": (gzip.compress(("\n".join(want) + "\n").encode()), "text"),
+        "c.jsonl.bz2": (bz2.compress(jsonl), "body"),
+        "c.json.xz": (lzma.compress(json.dumps([{"body": t} for t in want]).encode()), "body"),
+        "c.CSV.GZ": (gzip.compress(("body\n" + "\n".join(f'"{t}"' if "," in t else t for t in want.copy()) + "\n")
+                                   .replace('"third "quoted""', '"third ""quoted"""').encode()), "body"),
+    }  # fmt: skip
+    for name, (data, field) in files.items():
+        path = _write(tmp_path / name, data)
+        assert _corpus({"path": path, "text_field": field}).texts == want, name
+    # a folder picks compressed files up too, in name order
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write(folder / "a.txt.gz", gzip.compress(b"one\ntwo\n"))
+    _write(folder / "b.txt", "three\n")
+    _write(folder / "notes.gz", gzip.compress(b"no inner format: not a data file\n"))
+    assert _corpus({"path": str(folder)}).texts == ["one", "two", "three"]
+
+    truncated = _write(tmp_path / "cut.jsonl.gz", gzip.compress(jsonl * 50)[:-30])
+    with pytest.raises(UserError, match=r"cut\.jsonl\.gz: cannot decompress .*is the file complete\?"):
+        _corpus({"path": truncated, "text_field": "body"})
+    fake = _write(tmp_path / "fake.txt.gz", "plain text, not gzip\n")
+    with pytest.raises(UserError, match=r"fake\.txt\.gz: cannot decompress"):
+        _corpus({"path": fake})
+    with pytest.raises(UserError, match=r"fake\.json\.xz: cannot decompress"):
+        _corpus({"path": _write(tmp_path / "fake.json.xz", b"{}")})
+    with pytest.raises(UserError, match=r"unsupported file type '\.parquet\.gz'"):
+        _corpus({"path": _write(tmp_path / "c.parquet.gz", gzip.compress(b"x"))})
+
+
 def test_saved_dataset_folder_and_folder_of_files(tmp_path):
     import datasets
 
