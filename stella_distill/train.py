@@ -249,6 +249,7 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             student = accelerator.unwrap_model(model)
@@ -335,7 +336,16 @@ def make_accelerator():
 
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per
     # process per optimizer step (it assumes per-process data shards); our batches are global.
-    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    if plugin is not None and not plugin.zero3_init_flag:
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says;
+        # under ZeRO-3 every later from_pretrained would then build partitioned (empty) parameters,
+        # which the student, checkpoint resume and the rank-0-only export/evaluate cannot use.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return accelerator
 
 
 def _optimizer(model: StudentModel, stage: StageConfig, fused: bool) -> torch.optim.Optimizer:
@@ -365,6 +375,12 @@ def train(cfg: ExperimentConfig) -> Path:
         raise UserError("stages: no training stages configured")
     accelerator = make_accelerator()
     world = accelerator.num_processes
+    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type.value == "FSDP" else None
+    if fsdp is not None and world > 1 and not fsdp.sync_module_states and len(cfg.stages) > 1:
+        raise UserError(
+            "accelerate config fsdp_sync_module_states: must be true with several processes: each stage "
+            "after the first starts from the previous stage's weights, gathered on rank 0"
+        )
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         with writing(run_dir):
@@ -417,8 +433,9 @@ def train(cfg: ExperimentConfig) -> Path:
             continue
         resume_here = resume_from if (resume_from is not None and stage_index == pos.stage_index) else None
         start = pos.stage_step if resume_here is not None else 0
-        if prepared and _shards_parameters(accelerator):
-            model = _rebuilt_student(cfg, model, accelerator)  # the old wrapped model is released here
+        if prepared:  # drop this function's reference to the last stage's wrapper (DDP buckets, engine)
+            sharded = _shards_parameters(accelerator)
+            model = _rebuilt_student(cfg, model, accelerator) if sharded else accelerator.unwrap_model(model)
         model, global_step = run_stage(
             cfg, stage_index, stage, model, accelerator, log, corpus, caches, train_rows, eval_rows, lengths,
             start_step=start, global_step=pos.global_step, resume_dir=resume_here,
@@ -497,6 +514,9 @@ def run_stage(
     optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
+    _check_precision(stage, stage_index, accelerator)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        _deepspeed_stage_config(accelerator, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if resume_dir is not None and start_step > 0:
         try:
@@ -545,15 +565,20 @@ def run_stage(
         loss_value = sums.get("loss", float("nan"))
         if not math.isfinite(loss_value) or any(not math.isfinite(v) for v in sums.values()):
             bad = ", ".join(f"{k}={v}" for k, v in sums.items() if not math.isfinite(v))
+            when = (
+                "DeepSpeed applied this step's update inside backward"
+                if accelerator.distributed_type.value == "DEEPSPEED"
+                else "stopped before the update"
+            )
             raise NonFiniteLossError(
                 f"stages.{stage_index} ('{stage.name}'), step {global_step + 1}: non-finite loss ({bad}); "
-                f"stopped before the update, the last good checkpoint is kept"
+                f"{when}; the last good checkpoint is kept"
             )
         grad_norm = None
         if stage.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], stage.max_grad_norm
-            )
+            # all of the prepared model's parameters (frozen ones have no gradient and are skipped):
+            # accelerate takes FSDP's sharded-norm path only for exactly this list
+            grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -593,6 +618,38 @@ def run_stage(
     return model, global_step  # as prepared (DDP / DeepSpeed engine / FSDP): the next stage unwraps it
 
 
+def _deepspeed_stage_config(accelerator, stage: StageConfig) -> None:
+    """This stage's batch and clipping in the DeepSpeed config, before the engine is built.
+
+    accelerate fills DeepSpeed's "auto" batch fields from a DataLoader, which this trainer does not
+    pass (its batches are global and built by hand), and keeps whatever the first prepare wrote; the
+    engine clips gradients itself (``gradient_clipping``) and accelerate's default for it is 1.0.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = stage.batch_size
+    config["gradient_accumulation_steps"] = 1  # more is refused above
+    config["train_batch_size"] = stage.batch_size * accelerator.num_processes
+    config["gradient_clipping"] = float(stage.max_grad_norm) if stage.max_grad_norm is not None else 0.0
+
+
+def _check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
+    """fp16 needs loss scaling, which only the launcher's mixed precision (accelerate) provides; a
+    launcher precision other than 'no' applies to every stage, whatever the stage says."""
+    launcher = accelerator.mixed_precision
+    if accelerator.device.type != "cuda" or stage.mixed_precision == launcher:
+        return
+    if launcher == "no" and stage.mixed_precision == "fp16":
+        raise UserError(
+            f"stages.{stage_index}.mixed_precision: fp16 needs loss scaling; use bf16, or launch with "
+            f"accelerate's mixed_precision fp16 (accelerate launch --mixed_precision fp16), which scales the loss"
+        )
+    if launcher != "no" and accelerator.is_main_process:
+        print(
+            f"stages.{stage_index}.mixed_precision: {stage.mixed_precision!r} is overridden by the launcher's "
+            f"{launcher!r} (accelerate config mixed_precision; set it to 'no' to let each stage choose)"
+        )
+
+
 def _shards_parameters(accelerator) -> bool:
     """DeepSpeed ZeRO-3 and FSDP: the prepared model's own tensors are shards (or flat views)."""
     kind = accelerator.distributed_type.value
@@ -607,7 +664,9 @@ def _rebuilt_student(cfg: ExperimentConfig, model, accelerator) -> StudentModel:
     A model wrapped by FSDP (its layers are FSDP units) or partitioned by ZeRO-3 cannot be wrapped
     a second time for the next stage's trainable set and optimizer; gathering the full weights into
     a freshly built student gives that stage the previous stage's weights. The gather is a collective
-    and lands on the main process; the other processes receive the weights by broadcast.
+    and lands on the main process. The student stays on the CPU; the next prepare hands rank 0's
+    weights to every process (ZeRO-3 broadcasts each parameter from rank 0 as it partitions it, FSDP
+    does with ``sync_module_states``, which ``train`` requires for several processes).
     """
     prepared = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)
@@ -618,10 +677,6 @@ def _rebuilt_student(cfg: ExperimentConfig, model, accelerator) -> StudentModel:
     del model, prepared
     if state:
         student.load_state_dict(state)
-    if accelerator.num_processes > 1:
-        student.to(accelerator.device)
-        for tensor in student.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
     return student
 
 

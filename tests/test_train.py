@@ -381,3 +381,46 @@ def test_batch_order_is_world_size_independent():
     b = batch_order(rows, lengths, 8, seed=1, group_by_length=True)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert len(a) == 12 and len(np.unique(np.concatenate(a))) == 96
+
+
+def test_each_stage_writes_its_batch_and_clipping_into_the_deepspeed_config():
+    """accelerate leaves DeepSpeed's batch fields "auto" without a DataLoader and keeps the first
+    prepare's values: the trainer sets them per stage, and the engine's clipping from max_grad_norm."""
+    from types import SimpleNamespace
+
+    from stella_distill.config import StageConfig
+    from stella_distill.train import _deepspeed_stage_config
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
+    acc = SimpleNamespace(
+        num_processes=8, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
+    )
+    _deepspeed_stage_config(acc, StageConfig(name="a", batch_size=16, max_grad_norm=0.5))
+    assert config == {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "train_batch_size": 128,
+                      "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}  # fmt: skip
+    _deepspeed_stage_config(acc, StageConfig(name="b", batch_size=4, max_grad_norm=None))
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["train_batch_size"],
+        config["gradient_clipping"],
+    ) == (4, 32, 0.0)
+
+
+def test_stage_precision_against_the_launchers(capsys):
+    from types import SimpleNamespace
+
+    from stella_distill.config import StageConfig
+    from stella_distill.errors import UserError
+    from stella_distill.train import _check_precision
+
+    def acc(launcher: str, device: str = "cuda"):
+        return SimpleNamespace(mixed_precision=launcher, device=torch.device(device), is_main_process=True)
+
+    _check_precision(StageConfig(name="s", mixed_precision="bf16"), 0, acc("no"))  # the stage decides
+    _check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("no", "cpu"))  # ignored on CPU
+    _check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("fp16"))  # accelerate scales
+    with pytest.raises(UserError, match=r"^stages\.2\.mixed_precision: fp16 needs loss scaling"):
+        _check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
+    _check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
+    assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().out
