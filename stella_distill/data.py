@@ -322,7 +322,10 @@ def _json_kind(value: Any) -> str:
 
 def _iter_csv(path: Path, text_field: str, where: str, delimiter: str) -> Iterator[Any]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader((line for _, line in _decoded_lines(path)), delimiter=delimiter)
+    # .tsv is read as tab-separated values without quoting (a text may start with a quote mark);
+    # .csv follows the csv module's quoting (a quoted field may hold commas and newlines)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader((line for _, line in _decoded_lines(path)), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:

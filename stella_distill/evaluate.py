@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from stella_distill.data import DECOMPRESSION_ERRORS, file_format, open_binary
 from stella_distill.errors import UserError
 from stella_distill.export import DIM_PLOT, EVAL_FILE, load, plot_metrics_by_dim, read_layout, set_dim
 
@@ -38,13 +39,17 @@ FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open_binary(path) as f:
+            data = f.read()
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: {what} is a folder, expected a file") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except DECOMPRESSION_ERRORS as exc:
+        raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
 
 STS_COLUMNS = {  # accepted header names (lower case, '-' and ' ' read as '_'), first match wins
@@ -70,11 +75,15 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
       dumps use these);
     - JSON lines (``.jsonl``, or ``.json`` holding a list of objects) and Parquet with those names.
 
+    Text formats may be gzip/bz2/xz-compressed (``stsbenchmark.tsv.gz``). A file holding several
+    splits in a ``split`` column (sentence-transformers' stsbenchmark.tsv.gz) is read as
+    ``FILE::SPLIT`` (``stsbenchmark.tsv.gz::test``); without the suffix it is refused, not mixed.
     Blank lines are skipped; a malformed line, a missing column or a non-numeric score raises
     ``UserError`` naming the file (and line).
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
+    name, _, split = str(path).partition("::")
+    path = Path(name)
+    suffix = file_format(path)[0]
     if suffix == ".parquet":
         rows, where = _parquet_rows(path), "row"
     elif suffix in (".jsonl", ".json"):
@@ -84,9 +93,34 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
         first = next((line for line in text.splitlines() if line.strip()), "")
         cols = first.split("\t")
         if len(cols) >= 7 and (_is_number(cols[4]) or _key(cols[4]) == "score"):
+            if split:
+                raise UserError(
+                    f"{path}: '::{split}' selects a split, but STS-B's layout has no split column"
+                )
             return _read_stsb(path, text)  # STS-B's own layout: the score is the 5th column
         rows, where = _delimited_rows(path, text, "," if suffix == ".csv" and "\t" not in first else "\t")
-    return _pairs(path, rows, where)
+    return _pairs(path, _one_split(path, rows, split), where)
+
+
+def _one_split(path: Path, rows: list[tuple[int, dict]], split: str) -> list[tuple[int, dict]]:
+    """The rows of ``split`` when the file has a ``split`` column; all rows when it has none."""
+    column = next((k for k in (rows[0][1] if rows else {}) if _key(k) == "split"), None)
+    if column is None:
+        if split:
+            raise UserError(f"{path}: '::{split}' selects a split, but the file has no 'split' column")
+        return rows
+    values = sorted({str(r.get(column)) for _, r in rows})
+    if not split:
+        if len(values) == 1:
+            return rows
+        raise UserError(
+            f"{path}: holds several splits ({', '.join(values)}) in its {column!r} column; "
+            f"name one as {path}::{values[-1] if 'test' not in values else 'test'}"
+        )
+    chosen = [(n, r) for n, r in rows if str(r.get(column)) == split]
+    if not chosen:
+        raise UserError(f"{path}: no rows of split {split!r} (splits: {', '.join(values)})")
+    return chosen
 
 
 def _read_stsb(path: Path, text: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -143,7 +177,8 @@ def _header_index(names: list[str]) -> dict[str, str] | None:
 def _delimited_rows(path: Path, text: str, delimiter: str) -> tuple[list[tuple[int, dict]], str]:
     import csv
 
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV has no quoting
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
     rows: list[tuple[int, dict]] = []
     header: list[str] | None = None
     for cols in reader:
@@ -562,9 +597,21 @@ def fidelity_inputs(
 
 
 def _names(paths: list[str | Path]) -> list[str]:
-    """Short unique names for input files/folders: the stem, or parent/stem when stems repeat."""
-    stems = [Path(p).stem if Path(p).suffix else Path(p).name for p in paths]
-    return [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for s, p in zip(stems, paths)]
+    """Short unique names for input files/folders: the name without its format and compression
+    suffixes (``sts-dev``; ``stsbenchmark:test`` for ``stsbenchmark.tsv.gz::test``), or
+    parent/name when names repeat."""
+    stems = []
+    for p in paths:
+        name, _, split = str(p).partition("::")
+        path = Path(name)
+        fmt, compression = file_format(path)
+        cut = len(fmt or "") + len(compression or "")
+        stem = path.name[: len(path.name) - cut] if cut and len(path.name) > cut else path.name
+        stems.append(f"{stem}:{split}" if split else stem)
+    return [
+        s if stems.count(s) == 1 else f"{Path(str(p).partition('::')[0]).parent.name}/{s}"
+        for s, p in zip(stems, paths)
+    ]
 
 
 def _json_safe(value: Any) -> Any:

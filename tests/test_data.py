@@ -106,6 +106,14 @@ def test_compressed_text_formats_read_like_the_plain_files(tmp_path):
         _corpus({"path": _write(tmp_path / "c.parquet.gz", gzip.compress(b"x"))})
 
 
+def test_tsv_texts_keep_their_quote_marks(tmp_path):
+    """TSV has no quoting: a text that starts with a quote mark, or holds an unmatched one, is kept
+    as written and never swallows the following rows."""
+    want = ['"Quoted" at the start', 'an "unclosed quote here', "plain", 'ends with a quote"']
+    path = _write(tmp_path / "c.tsv", "id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(want)))
+    assert _corpus({"path": path}).texts == want
+
+
 def test_saved_dataset_folder_and_folder_of_files(tmp_path):
     import datasets
 

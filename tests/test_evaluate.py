@@ -92,6 +92,7 @@ def test_read_sts(tmp_path):
 
 PAIRS = [
     ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+    ('"Quoted" start, tab file keeps it', 'An unclosed " quote', 1.2),
     ('She said "hi, there", then left.', "She left after greeting.", 2.5),
     ("Tea, coffee, or juice?", "Which drink do you want?", 3.0),
     ("The cat sleeps.", "Stocks fell sharply today.", 0.0),
@@ -145,6 +146,34 @@ def test_read_sts_reads_the_common_formats_alike(tmp_path):
         assert s1 == [a for a, _, _ in PAIRS] and s2 == [b for _, b, _ in PAIRS], name
         scale = 5 if name == "parquet" else 1
         np.testing.assert_allclose(scores * scale, [c for _, _, c in PAIRS], err_msg=name)
+
+
+def test_read_sts_compressed_and_one_split_of_several(tmp_path):
+    """sentence-transformers' stsbenchmark.tsv.gz: gzip, a split column; FILE::SPLIT picks one."""
+    import gzip
+
+    rows = ["split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2"]
+    for split, shift in (("train", 0.1), ("dev", 0.2), ("test", 0.3)):
+        rows += [f"{split}\tmain\tx\t2012\t{i}\t{c + shift}\t{a}\t{b}" for i, (a, b, c) in enumerate(PAIRS)]
+    path = tmp_path / "stsbenchmark.tsv.gz"
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    s1, s2, scores = evaluate.read_sts(f"{path}::test")
+    assert s1 == [a for a, _, _ in PAIRS] and s2 == [b for _, b, _ in PAIRS]
+    np.testing.assert_allclose(scores, [c + 0.3 for _, _, c in PAIRS])
+    with pytest.raises(
+        UserError,
+        match=r"holds several splits \(dev, test, train\) in its 'split' column; name one as .*::test",
+    ):
+        evaluate.read_sts(path)
+    with pytest.raises(UserError, match=r"no rows of split 'validation' \(splits: dev, test, train\)"):
+        evaluate.read_sts(f"{path}::validation")
+    with pytest.raises(UserError, match=r"has no 'split' column"):
+        evaluate.read_sts(f"{_write_formats(tmp_path)['tsv']}::test")
+    assert evaluate._names([f"{path}::test", "data/sts-dev.csv"]) == ["stsbenchmark:test", "sts-dev"]
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match=r"broken\.csv\.gz: cannot read STS file"):
+        evaluate.read_sts(broken)
 
 
 @pytest.mark.parametrize(
