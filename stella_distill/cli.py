@@ -53,9 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=None, help="teacher cache root (with --config) for fidelity")
     ev.add_argument("--config", default=None, help="experiment YAML (with --cache) for fidelity")
     ev.add_argument("--mteb", nargs="*", default=[], help="MTEB task names (needs the mteb package)")
-    ev.add_argument("--batch-size", type=int, default=64, help="encode batch size")
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="encode batch size")
+    for what, example in (("sts", "s2s_query"), ("query", "s2p_query"), ("doc", "")):
+        ev.add_argument(
+            f"--{what}-prompt-name",
+            default=None,
+            help=f"prompt of the model for {what} texts{f', e.g. {example}' if example else ''} (default: its default prompt)",
+        )
     ev.add_argument("--out", default=None, help="folder for eval.json and the plot (default: MODEL_DIR)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -100,6 +116,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             mteb_tasks=args.mteb,
             batch_size=args.batch_size,
             out_dir=args.out,
+            sts_prompt_name=args.sts_prompt_name,
+            query_prompt_name=args.query_prompt_name,
+            doc_prompt_name=args.doc_prompt_name,
         )
         return 0
     raise AssertionError(args.verb)

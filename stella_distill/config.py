@@ -216,6 +216,13 @@ class EvaluateConfig:
     retrieval: list[str] = _f(factory=list, doc="BEIR folders (corpus.jsonl, queries.jsonl, qrels/)")
     batch_size: int = _f(64, doc="encode batch size")
     baseline: bool = _f(True, doc="also score the untrained student's pooled vectors")
+    sts_prompt_name: str | None = _f(
+        None, doc="export prompt for both STS sentences (null: the default prompt)"
+    )
+    query_prompt_name: str | None = _f(None, doc="export prompt for retrieval queries, e.g. s2p_query")
+    doc_prompt_name: str | None = _f(
+        None, doc="export prompt for retrieval documents (null: the default prompt)"
+    )
 
 
 @dataclass

@@ -640,6 +640,26 @@ def format_table(dims: dict[int, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _check_prompt_names(model_dir: Path, **names: str | None) -> None:
+    """Every given prompt name must be one of the export's prompts (config_sentence_transformers.json)."""
+    wanted = {k: v for k, v in names.items() if v is not None}
+    if not wanted:
+        return
+    try:
+        prompts = (
+            json.loads((model_dir / "config_sentence_transformers.json").read_text()).get("prompts") or {}
+        )
+    except (OSError, ValueError):
+        prompts = {}
+    for what, name in wanted.items():
+        if name not in prompts:
+            offered = ", ".join(sorted(prompts)) or "none"
+            raise UserError(
+                f"--{what}-prompt-name / evaluate.{what}_prompt_name: {name!r} is not a prompt of {model_dir} "
+                f"(its prompts: {offered})"
+            )
+
+
 def evaluate_model(
     model_dir: str | Path,
     *,
@@ -675,6 +695,7 @@ def evaluate_model(
             raise UserError(f"--dims: {d} is not offered by {model_dir}; offered dims: {layout.dims}")
     if cache_dir is not None and config is None:
         raise UserError("--cache needs --config: the experiment whose teachers and corpus built the cache")
+    _check_prompt_names(model_dir, sts=sts_prompt_name, query=query_prompt_name, doc=doc_prompt_name)
     if mteb_tasks:
         _import_mteb()
     sts_sets = [(name, str(p), read_sts(p)) for name, p in zip(_names(sts), sts)]

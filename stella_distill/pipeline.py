@@ -122,7 +122,8 @@ def run_all(cfg: ExperimentConfig) -> dict:
         t = time.perf_counter()
         results = evaluate_model(
             export_dir, sts=sts, retrieval=list(cfg.evaluate.retrieval), batch_size=cfg.evaluate.batch_size,
-            out_dir=run_dir,
+            out_dir=run_dir, sts_prompt_name=cfg.evaluate.sts_prompt_name,
+            query_prompt_name=cfg.evaluate.query_prompt_name, doc_prompt_name=cfg.evaluate.doc_prompt_name,
         )  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - t
         # the model card shows the final metrics: write it again now that eval.json exists

@@ -394,3 +394,27 @@ def test_bad_requests(exported, tmp_path):
     except ImportError:
         with pytest.raises(UserError, match="pip install mteb"):
             evaluate.evaluate_model(folder, mteb_tasks=["STSBenchmark"])
+
+
+def test_cli_prompt_names_reach_the_encoder_and_unknown_ones_are_refused(exported, tmp_path, capsys):
+    from stella_distill.cli import main
+
+    folder, _ = exported
+    path = tmp_path / "sts.csv"
+    write_sts(path)
+    args = ["evaluate", str(folder), "--sts", str(path), "--dims", "16", "--out", str(tmp_path / "o")]
+    assert main([*args, "--sts-prompt-name", "q"]) == 0
+    prompted = json.loads((tmp_path / "o" / "eval.json").read_text())["dims"]["16"]["sts/sts"]
+    want = evaluate.sts_spearman(export.load(folder, dim=16), path, prompt_name="q")
+    assert prompted == pytest.approx(want, abs=1e-9)
+    assert main(args) == 0
+    plain = json.loads((tmp_path / "o" / "eval.json").read_text())["dims"]["16"]["sts/sts"]
+    assert plain != prompted  # the prompt changed what was encoded
+    capsys.readouterr()
+    assert main([*args, "--query-prompt-name", "s2p_query"]) == 2
+    err = capsys.readouterr().err
+    assert "--query-prompt-name / evaluate.query_prompt_name: 's2p_query' is not a prompt of" in err
+    assert "(its prompts: q)" in err
+    with pytest.raises(SystemExit):
+        main([*args, "--batch-size", "0"])
+    assert "must be at least 1, got 0" in capsys.readouterr().err
