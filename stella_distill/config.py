@@ -49,9 +49,12 @@ class SourceConfig:
         "or a Hugging Face dataset id"
     )
     text_field: str = _f("text", doc="column / JSON key holding the text (ignored for .txt)")
-    split: str = _f("train", doc="dataset split (Hugging Face datasets only)")
+    split: str = _f(
+        "train",
+        doc="split of a Hub dataset, a saved dataset, or a folder of split-named files (train-*.parquet)",
+    )
     subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")
-    limit: int | None = _f(None, doc="take at most this many texts from this source")
+    limit: int | None = _f(None, doc="take at most this many texts from this source (Hub datasets: streamed)")
 
 
 @dataclass

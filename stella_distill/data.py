@@ -382,15 +382,48 @@ def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
             f"{where}.path: {path}: the folder holds no saved dataset and no data files "
             f"({', '.join(FILE_SUFFIXES)})"
         )
-    for p in files:
+    for p in _files_of_split(path, files, src, where):
         yield from _iter_file(p, src.text_field, where)
+
+
+SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
+               "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}  # fmt: skip
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a data file's path names (``data/train-00000.parquet``, ``test/part.jsonl``), if any:
+    the naming Hugging Face datasets use for a repository of data files."""
+    import re
+
+    tokens = re.split(r"[-_./\\]+", relative.as_posix().lower())
+    found = {SPLIT_NAMES[t] for t in tokens if t in SPLIT_NAMES}
+    return found.pop() if len(found) == 1 else None
+
+
+def _files_of_split(folder: Path, files: list[Path], src: SourceConfig, where: str) -> list[Path]:
+    """A folder whose files name several splits (a dataset repository) gives the files of
+    ``src.split`` only (the test split must never leak into the corpus); other folders give all."""
+    splits = {p: _split_of(p.relative_to(folder)) for p in files}
+    named = sorted({s for s in splits.values() if s is not None})
+    if len(named) < 2:
+        return files
+    want = SPLIT_NAMES.get(src.split.lower(), src.split.lower())
+    chosen = [p for p in files if splits[p] == want]
+    if not chosen:
+        raise UserError(
+            f"{where}.split: {src.split!r}: {folder} holds files of the splits {', '.join(named)} "
+            f"(by their names) and none of this one"
+        )
+    return chosen
 
 
 def _iter_hub(src: SourceConfig, where: str) -> Iterator[Any]:
     import datasets
 
+    # with a limit, stream: only the rows needed are downloaded, not the whole dataset
+    streaming = src.limit is not None
     try:
-        ds = datasets.load_dataset(src.path, src.subset, split=src.split)
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=streaming)
     except ConnectionError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
@@ -406,7 +439,23 @@ def _iter_hub(src: SourceConfig, where: str) -> Iterator[Any]:
     except Exception as exc:  # e.g. an unknown split or config name
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{where}.path: cannot load Hugging Face dataset {src.path!r}: {first}") from None
-    yield from _dataset_column(ds, src, where)
+    if not streaming:
+        yield from _dataset_column(ds, src, where)
+        return
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (ConnectionError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{where}.path: streaming {src.path!r} broke off: {first}") from None
+        if src.text_field not in row:
+            raise UserError(
+                f"{where}.text_field: no column {src.text_field!r} in {src.path} (columns: {', '.join(row)})"
+            )
+        yield row[src.text_field]
 
 
 def _dataset_column(ds, src: SourceConfig, where: str) -> Iterator[Any]:

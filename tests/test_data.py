@@ -218,6 +218,66 @@ def test_missing_file_and_unreachable_hub_dataset(tmp_path, monkeypatch):
         _corpus({"path": _write(tmp_path / "a.txt", "a\n")}, {"path": "no-org/no-such-set"})
 
 
+def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
+    """A dataset repository's files (data/train-*.parquet, data/test-*.parquet) must not mix splits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for name, texts in [("train-00000-of-00002", ["t1", "t2"]), ("train-00001-of-00002", ["t3"]),
+                        ("test-00000-of-00001", ["leak"]), ("validation-00000-of-00001", ["v1"])]:  # fmt: skip
+        pq.write_table(pa.table({"text": texts}), repo / "data" / f"{name}.parquet")
+    assert _corpus({"path": str(repo)}).texts == ["t1", "t2", "t3"]
+    assert _corpus({"path": str(repo), "split": "dev"}).texts == ["v1"]
+    with pytest.raises(
+        UserError, match=r"data\.train\.0\.split: 'unsupervised': .* splits test, train, validation"
+    ):
+        _corpus({"path": str(repo), "split": "unsupervised"})
+    # split folders work the same; a folder without split names gives every file
+    (tmp_path / "by_dir" / "train").mkdir(parents=True)
+    (tmp_path / "by_dir" / "test").mkdir()
+    _write(tmp_path / "by_dir" / "train" / "a.txt", "kept\n")
+    _write(tmp_path / "by_dir" / "test" / "a.txt", "leak\n")
+    assert _corpus({"path": str(tmp_path / "by_dir")}).texts == ["kept"]
+    (tmp_path / "plain").mkdir()
+    _write(tmp_path / "plain" / "news.txt", "a\n")
+    _write(tmp_path / "plain" / "train_notes.txt", "b\n")
+    assert _corpus({"path": str(tmp_path / "plain")}).texts == ["a", "b"]
+
+
+def test_hub_sources_with_a_limit_are_streamed(tmp_path, monkeypatch):
+    """With a per-source limit, the dataset is streamed and read only as far as needed."""
+    import datasets
+
+    pulled = []
+
+    def rows():
+        for i in range(10_000):
+            pulled.append(i)
+            yield {"text": "" if i == 1 else f"row {i}", "id": i}
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        if streaming:
+            return datasets.IterableDataset.from_generator(rows)
+        return datasets.Dataset.from_list([{"text": "all", "id": 0}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = _corpus({"path": "org/web-corpus", "limit": 5})
+    assert corpus.texts == ["row 0", "row 2", "row 3", "row 4", "row 5"]  # the empty row is skipped
+    assert calls == [("org/web-corpus", None, "train", True)]
+    assert len(pulled) < 100, len(pulled)
+    assert _corpus({"path": "org/small"}).texts == ["all"] and calls[-1][3] is False
+    with pytest.raises(
+        UserError,
+        match=r"data\.train\.0\.text_field: no column 'body' in org/web-corpus \(columns: text, id\)",
+    ):
+        _corpus({"path": "org/web-corpus", "limit": 5, "text_field": "body"})
+
+
 def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
     cfg = {
         "name": "t",
