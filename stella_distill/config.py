@@ -54,7 +54,15 @@ class SourceConfig:
         doc="split of a Hub dataset, a saved dataset, or a folder of split-named files (train-*.parquet)",
     )
     subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")
-    limit: int | None = _f(None, doc="take at most this many texts from this source (Hub datasets: streamed)")
+    limit: int | None = _f(None, doc="take at most this many texts from this source")
+    streaming: bool = _f(
+        False, doc="Hub datasets: stream rows instead of downloading the whole split (needs the network)"
+    )
+    quoting: Literal["auto", "csv", "none"] = _f(
+        "auto",
+        doc=".csv/.tsv quoting: csv (quoted fields, doubled quotes), none (split on the delimiter), auto "
+        "(.csv: csv; .tsv: none, unless its first lines show csv-quoted fields)",
+    )
 
 
 @dataclass

@@ -186,7 +186,7 @@ def _iter_source(src: SourceConfig, where: str) -> Iterator[Any]:
     """Yield the raw text values (str or anything else, to be skipped) of one source."""
     path = Path(src.path).expanduser()
     if path.is_file():
-        yield from _iter_file(path, src.text_field, where)
+        yield from _iter_file(path, src.text_field, where, src.quoting)
     elif path.is_dir():
         yield from _iter_folder(path, src, where)
     elif _looks_local(src.path):
@@ -200,7 +200,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path or _is_data_file(path)
 
 
-def _iter_file(path: Path, text_field: str, where: str) -> Iterator[Any]:
+def _iter_file(path: Path, text_field: str, where: str, quoting: str = "auto") -> Iterator[Any]:
     suffix, compression = file_format(path)
     if compression and suffix == ".parquet":
         suffix = ".parquet" + compression  # parquet compresses inside the file; refused below
@@ -214,7 +214,7 @@ def _iter_file(path: Path, text_field: str, where: str) -> Iterator[Any]:
     elif suffix == ".parquet":
         yield from _iter_parquet(path, text_field, where)
     elif suffix in (".csv", ".tsv"):
-        yield from _iter_csv(path, text_field, where, delimiter="\t" if suffix == ".tsv" else ",")
+        yield from _iter_csv(path, text_field, where, "\t" if suffix == ".tsv" else ",", quoting)
     else:
         raise UserError(
             f"{where}.path: {path}: unsupported file type {suffix or '(none)'!r}; "
@@ -320,12 +320,35 @@ def _json_kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _iter_csv(path: Path, text_field: str, where: str, delimiter: str) -> Iterator[Any]:
+def csv_quoted(lines: Iterator[str], delimiter: str, probe: int = 10_000) -> bool:
+    """Whether delimited text was written with csv quoting (pandas, the csv module): some field of
+    the first ``probe`` lines is wholly quoted with doubled quotes inside (``"a ""quoted"" word"``), a
+    form raw text almost never takes. Raw TSV (a text may start with a quote mark) says False."""
+    for k, line in enumerate(lines):
+        if k >= probe:
+            break
+        for field_ in line.rstrip("\r\n").split(delimiter):
+            if (
+                len(field_) >= 2
+                and field_[0] == field_[-1] == '"'
+                and ('""' in field_[1:-1] or field_ == '""')
+            ):
+                return True
+    return False
+
+
+def _iter_csv(
+    path: Path, text_field: str, where: str, delimiter: str, quoting: str = "auto"
+) -> Iterator[Any]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # .tsv is read as tab-separated values without quoting (a text may start with a quote mark);
-    # .csv follows the csv module's quoting (a quoted field may hold commas and newlines)
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader((line for _, line in _decoded_lines(path)), delimiter=delimiter, quoting=quoting)
+    # .csv follows the csv module's quoting (a quoted field may hold commas and newlines); .tsv is
+    # split on tabs (a text may start with a quote mark) unless it shows csv quoting (pandas output)
+    if quoting == "auto":
+        quoted = delimiter == "," or csv_quoted((line for _, line in _decoded_lines(path)), delimiter)
+    else:
+        quoted = quoting == "csv"
+    mode = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+    reader = csv.reader((line for _, line in _decoded_lines(path)), delimiter=delimiter, quoting=mode)
     try:
         header = next(reader)
     except StopIteration:
@@ -382,31 +405,54 @@ def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
             f"{where}.path: {path}: the folder holds no saved dataset and no data files "
             f"({', '.join(FILE_SUFFIXES)})"
         )
+    names = {p.name for p in files}
+    for p in files:
+        fmt, compression = file_format(p)
+        if compression and p.name[: -len(compression)] in names:
+            raise UserError(
+                f"{where}.path: {path} holds both {p.name[: -len(compression)]} and {p.name}; "
+                f"keep one of them (both would be read)"
+            )
     for p in _files_of_split(path, files, src, where):
-        yield from _iter_file(p, src.text_field, where)
+        yield from _iter_file(p, src.text_field, where, src.quoting)
 
 
 SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
                "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}  # fmt: skip
 
 
-def _split_of(relative: Path) -> str | None:
-    """The split a data file's path names (``data/train-00000.parquet``, ``test/part.jsonl``), if any:
-    the naming Hugging Face datasets use for a repository of data files."""
+def _split_of(relative: Path, extra: str) -> str | None:
+    """The split a data file's path names, as dataset repositories name them: a folder called after
+    the split (``train/part-0.jsonl``), a shard named ``NAME-00000-of-00002.parquet`` (any NAME), or a
+    file name that starts with a known split (``test.jsonl``, ``dev_pairs.tsv``). ``extra`` (the
+    configured split) counts as a known split name too."""
     import re
 
-    tokens = re.split(r"[-_./\\]+", relative.as_posix().lower())
-    found = {SPLIT_NAMES[t] for t in tokens if t in SPLIT_NAMES}
-    return found.pop() if len(found) == 1 else None
+    known = dict(SPLIT_NAMES)
+    known.setdefault(extra.lower(), extra.lower())
+    for folder in relative.parts[:-1]:
+        if folder.lower() in known:
+            return known[folder.lower()]
+    name = relative.name.lower()
+    shard = re.match(r"^([a-z0-9]+)-\d+-of-\d+\.", name)  # the Hub's shard naming: NAME-00000-of-00003.ext
+    if shard:
+        return known.get(shard.group(1), shard.group(1))
+    return known.get(re.split(r"[-_.]", name, maxsplit=1)[0])
 
 
 def _files_of_split(folder: Path, files: list[Path], src: SourceConfig, where: str) -> list[Path]:
     """A folder whose files name several splits (a dataset repository) gives the files of
     ``src.split`` only (the test split must never leak into the corpus); other folders give all."""
-    splits = {p: _split_of(p.relative_to(folder)) for p in files}
+    splits = {p: _split_of(p.relative_to(folder), src.split) for p in files}
     named = sorted({s for s in splits.values() if s is not None})
     if len(named) < 2:
         return files
+    unnamed = [p.relative_to(folder).as_posix() for p in files if splits[p] is None]
+    if unnamed:
+        raise UserError(
+            f"{where}.path: {folder} holds files of the splits {', '.join(named)} and files that name no "
+            f"split ({', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}); move those out or name them"
+        )
     want = SPLIT_NAMES.get(src.split.lower(), src.split.lower())
     chosen = [p for p in files if splits[p] == want]
     if not chosen:
@@ -420,8 +466,7 @@ def _files_of_split(folder: Path, files: list[Path], src: SourceConfig, where: s
 def _iter_hub(src: SourceConfig, where: str) -> Iterator[Any]:
     import datasets
 
-    # with a limit, stream: only the rows needed are downloaded, not the whole dataset
-    streaming = src.limit is not None
+    streaming = src.streaming  # rows as they come (with a limit, only those needed are read)
     try:
         ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=streaming)
     except ConnectionError as exc:

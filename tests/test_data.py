@@ -226,28 +226,62 @@ def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     for name, texts in [("train-00000-of-00002", ["t1", "t2"]), ("train-00001-of-00002", ["t3"]),
-                        ("test-00000-of-00001", ["leak"]), ("validation-00000-of-00001", ["v1"])]:  # fmt: skip
+                        ("test-00000-of-00001", ["leak"]), ("validation-00000-of-00001", ["v1"]),
+                        ("unsupervised-00000-of-00001", ["u1"])]:  # fmt: skip
         pq.write_table(pa.table({"text": texts}), repo / "data" / f"{name}.parquet")
     assert _corpus({"path": str(repo)}).texts == ["t1", "t2", "t3"]
     assert _corpus({"path": str(repo), "split": "dev"}).texts == ["v1"]
+    assert _corpus({"path": str(repo), "split": "unsupervised"}).texts == [
+        "u1"
+    ]  # any split name the config gives
     with pytest.raises(
-        UserError, match=r"data\.train\.0\.split: 'unsupervised': .* splits test, train, validation"
+        UserError, match=r"data\.train\.0\.split: 'extra': .* splits test, train, unsupervised, validation"
     ):
-        _corpus({"path": str(repo), "split": "unsupervised"})
-    # split folders work the same; a folder without split names gives every file
+        _corpus({"path": str(repo), "split": "extra"})
+    _write(repo / "data" / "notes.txt", "stray\n")
+    with pytest.raises(
+        UserError, match=r"holds files of the splits .* and files that name no split \(data/notes\.txt\)"
+    ):
+        _corpus({"path": str(repo)})
+    # split folders work the same
     (tmp_path / "by_dir" / "train").mkdir(parents=True)
     (tmp_path / "by_dir" / "test").mkdir()
     _write(tmp_path / "by_dir" / "train" / "a.txt", "kept\n")
     _write(tmp_path / "by_dir" / "test" / "a.txt", "leak\n")
     assert _corpus({"path": str(tmp_path / "by_dir")}).texts == ["kept"]
+    # ordinary names that merely contain a split word are not splits: every file is read
     (tmp_path / "plain").mkdir()
-    _write(tmp_path / "plain" / "news.txt", "a\n")
-    _write(tmp_path / "plain" / "train_notes.txt", "b\n")
-    assert _corpus({"path": str(tmp_path / "plain")}).texts == ["a", "b"]
+    for name, text in [("faq.txt", "a"), ("training-manual.txt", "b"), ("unit-testing-notes.txt", "c")]:
+        _write(tmp_path / "plain" / name, text + "\n")
+    assert _corpus({"path": str(tmp_path / "plain")}).texts == ["a", "b", "c"]
+    # a plain file and its compressed copy side by side would be read twice
+    import gzip
+
+    _write(tmp_path / "plain" / "faq.txt.gz", gzip.compress(b"a\n"))
+    with pytest.raises(UserError, match=r"holds both faq\.txt and faq\.txt\.gz; keep one of them"):
+        _corpus({"path": str(tmp_path / "plain")})
 
 
-def test_hub_sources_with_a_limit_are_streamed(tmp_path, monkeypatch):
-    """With a per-source limit, the dataset is streamed and read only as far as needed."""
+def test_quoted_tsv_is_detected_and_quoting_can_be_forced(tmp_path):
+    """pandas / the csv module quote TSV fields that hold quotes; raw TSV never doubles them."""
+    import csv
+
+    want = ['He said "hi" today', "plain", 'ends with "quote"']
+    quoted = tmp_path / "pandas.tsv"
+    with quoted.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["id", "text"])
+        w.writerows([i, t] for i, t in enumerate(want))
+    assert '"He said ""hi"" today"' in quoted.read_text()
+    assert _corpus({"path": str(quoted)}).texts == want
+    raw = _write(tmp_path / "raw.tsv", "text\n" + "\n".join(want) + "\n")
+    assert _corpus({"path": raw}).texts == want
+    assert _corpus({"path": raw, "quoting": "none"}).texts == want
+    assert _corpus({"path": str(quoted), "quoting": "none"}).texts[0] == '"He said ""hi"" today"'
+
+
+def test_hub_sources_stream_when_asked(tmp_path, monkeypatch):
+    """streaming: true reads a Hub dataset as it comes, only as far as the limit needs."""
     import datasets
 
     pulled = []
@@ -266,16 +300,16 @@ def test_hub_sources_with_a_limit_are_streamed(tmp_path, monkeypatch):
         return datasets.Dataset.from_list([{"text": "all", "id": 0}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    corpus = _corpus({"path": "org/web-corpus", "limit": 5})
+    corpus = _corpus({"path": "org/web-corpus", "limit": 5, "streaming": True})
     assert corpus.texts == ["row 0", "row 2", "row 3", "row 4", "row 5"]  # the empty row is skipped
     assert calls == [("org/web-corpus", None, "train", True)]
     assert len(pulled) < 100, len(pulled)
-    assert _corpus({"path": "org/small"}).texts == ["all"] and calls[-1][3] is False
+    assert _corpus({"path": "org/small", "limit": 5}).texts == ["all"] and calls[-1][3] is False
     with pytest.raises(
         UserError,
         match=r"data\.train\.0\.text_field: no column 'body' in org/web-corpus \(columns: text, id\)",
     ):
-        _corpus({"path": "org/web-corpus", "limit": 5, "text_field": "body"})
+        _corpus({"path": "org/web-corpus", "streaming": True, "text_field": "body"})
 
 
 def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
