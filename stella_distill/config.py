@@ -523,6 +523,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _positive(cfg.train.log_every, "train.log_every")
     _positive(cfg.evaluate.batch_size, "evaluate.batch_size")
     ex = cfg.export
+    for what in ("sts", "query", "doc"):
+        name = getattr(cfg.evaluate, f"{what}_prompt_name")
+        if name is not None and name not in ex.prompts:
+            raise ConfigError(
+                f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts "
+                f"({', '.join(ex.prompts) or 'none defined'})"
+            )
     if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
         raise ConfigError(
             f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "

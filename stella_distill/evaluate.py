@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stella_distill.data import DECOMPRESSION_ERRORS, file_format, open_binary
+from stella_distill.data import DECOMPRESSION_ERRORS, csv_quoted, file_format, open_binary
 from stella_distill.errors import UserError
 from stella_distill.export import DIM_PLOT, EVAL_FILE, load, plot_metrics_by_dim, read_layout, set_dim
 
@@ -177,11 +178,20 @@ def _header_index(names: list[str]) -> dict[str, str] | None:
 def _delimited_rows(path: Path, text: str, delimiter: str) -> tuple[list[tuple[int, dict]], str]:
     import csv
 
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV has no quoting
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    lines = text.splitlines()
+    # TSV is split on tabs (STS texts hold stray quotes) unless it shows csv quoting (pandas output)
+    quoted = delimiter == "," or csv_quoted(iter(lines), delimiter)
+    reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     rows: list[tuple[int, dict]] = []
     header: list[str] | None = None
-    for cols in reader:
+    while True:
+        try:
+            cols = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: cannot parse the line ({exc})") from None
         lineno = reader.line_num  # the physical line (a quoted field may span several)
         if not any(c.strip() for c in cols):
             continue
@@ -205,7 +215,7 @@ def _delimited_rows(path: Path, text: str, delimiter: str) -> tuple[list[tuple[i
 
 def _json_rows(path: Path) -> tuple[list[tuple[int, dict]], str]:
     text = _read_text(path, "STS file").lstrip("\ufeff")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if file_format(path)[0] == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -242,7 +252,9 @@ def _parquet_rows(path: Path) -> list[tuple[int, dict]]:
 
 def _pairs(path: Path, rows: list[tuple[int, dict]], where: str) -> tuple[list[str], list[str], np.ndarray]:
     """Sentence pairs and scores from ``(line or row number, {column: value})`` records."""
-    names = list(rows[0][1]) if rows else []
+    if not rows:
+        raise UserError(f"{path}: no sentence pairs (an empty file, or a header without rows)")
+    names = list(rows[0][1])
     index = _header_index(names)
     if index is None:
         wanted = "; ".join(f"{role}: one of {', '.join(a[:4])}..." for role, a in STS_COLUMNS.items())
@@ -608,10 +620,13 @@ def _names(paths: list[str | Path]) -> list[str]:
         cut = len(fmt or "") + len(compression or "")
         stem = path.name[: len(path.name) - cut] if cut and len(path.name) > cut else path.name
         stems.append(f"{stem}:{split}" if split else stem)
-    return [
+    names = [
         s if stems.count(s) == 1 else f"{Path(str(p).partition('::')[0]).parent.name}/{s}"
         for s, p in zip(stems, paths)
     ]
+    # still clashing (a.tsv beside a.tsv.gz, or one file given twice): the path as given, then a count
+    names = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+    return [n if names.count(n) == 1 else f"{n}#{names[:k].count(n) + 1}" for k, n in enumerate(names)]
 
 
 def _json_safe(value: Any) -> Any:

@@ -375,12 +375,7 @@ def train(cfg: ExperimentConfig) -> Path:
         raise UserError("stages: no training stages configured")
     accelerator = make_accelerator()
     world = accelerator.num_processes
-    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type.value == "FSDP" else None
-    if fsdp is not None and world > 1 and not fsdp.sync_module_states and len(cfg.stages) > 1:
-        raise UserError(
-            "accelerate config fsdp_sync_module_states: must be true with several processes: each stage "
-            "after the first starts from the previous stage's weights, gathered on rank 0"
-        )
+    _check_sharding_setup(cfg, accelerator)
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         with writing(run_dir):
@@ -616,6 +611,32 @@ def run_stage(
     pos = Position(stage_index, step, global_step, True)
     save_checkpoint(accelerator, model, Path(cfg.output_dir), cfg, pos, cfg.train.keep_checkpoints)
     return model, global_step  # as prepared (DDP / DeepSpeed engine / FSDP): the next stage unwraps it
+
+
+def _check_sharding_setup(cfg: ExperimentConfig, accelerator) -> None:
+    """Refuse launcher settings under which a later stage would not start from rank 0's weights."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero3_init_flag:
+        raise UserError(
+            "accelerate config zero3_init_flag: must be false: the student is built whole (pretrained "
+            "backbone plus new heads) and rebuilt between stages from gathered weights; DeepSpeed "
+            "partitions it when each stage starts"
+        )
+    if kind != "FSDP" or accelerator.num_processes < 2 or len(cfg.stages) < 2:
+        return
+    fsdp = accelerator.state.fsdp_plugin
+    if getattr(fsdp, "fsdp_version", 1) == 2:
+        # FSDP2 hands rank 0's weights to the others only with cpu-RAM-efficient loading
+        if not fsdp.cpu_ram_efficient_loading:
+            raise UserError(
+                "accelerate config fsdp_cpu_ram_efficient_loading: must be true with FSDP2 and several "
+                "processes: each stage after the first starts from the previous stage's weights, gathered on rank 0"
+            )
+    elif not fsdp.sync_module_states:
+        raise UserError(
+            "accelerate config fsdp_sync_module_states: must be true with several processes: each stage "
+            "after the first starts from the previous stage's weights, gathered on rank 0"
+        )
 
 
 def _deepspeed_stage_config(accelerator, stage: StageConfig) -> None:

@@ -192,6 +192,16 @@ BAD_CASES = {
     "bad-override-index": (BASE, ("stages.5.lr=1",), "stages.5: no such list element (list has 3 items)"),
     "negative-lr": (BASE, ("stages.0.lr=-1e-4",), "stages.0.lr: must be > 0"),
     "negative-lr-in-file": (_with(stages__2__lr=-0.5), (), "stages.2.lr: must be > 0; got -0.5"),
+    "unknown-eval-prompt": (
+        BASE,
+        ("evaluate.query_prompt_name=s2p_query",),
+        "evaluate.query_prompt_name: 's2p_query' is not one of export.prompts (none defined)",
+    ),
+    "bad-quoting": (
+        _with(data__train__0__quoting="double"),
+        (),
+        "data.train.0.quoting: expected one of auto, csv, none; got 'double'",
+    ),
 }
 
 

@@ -148,6 +148,27 @@ def test_read_sts_reads_the_common_formats_alike(tmp_path):
         np.testing.assert_allclose(scores * scale, [c for _, _, c in PAIRS], err_msg=name)
 
 
+def test_read_sts_compressed_json_and_quoted_tsv(tmp_path):
+    import csv
+    import gzip
+
+    path = tmp_path / "pairs.json.gz"
+    path.write_bytes(
+        gzip.compress(
+            json.dumps([{"sentence1": a, "sentence2": b, "score": c} for a, b, c in PAIRS], indent=2).encode()
+        )
+    )
+    s1, _, scores = evaluate.read_sts(path)
+    assert s1 == [a for a, _, _ in PAIRS] and list(scores) == [c for _, _, c in PAIRS]
+    quoted = tmp_path / "pandas.tsv"  # csv-quoted TSV, as pandas / the csv module write it
+    with quoted.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["sentence1", "sentence2", "score"])
+        w.writerows(PAIRS)
+    assert '""' in quoted.read_text()
+    assert evaluate.read_sts(quoted)[0] == [a for a, _, _ in PAIRS]
+
+
 def test_read_sts_compressed_and_one_split_of_several(tmp_path):
     """sentence-transformers' stsbenchmark.tsv.gz: gzip, a split column; FILE::SPLIT picks one."""
     import gzip
@@ -189,6 +210,8 @@ def test_read_sts_compressed_and_one_split_of_several(tmp_path):
         ("a.jsonl", '{"sentence1": "x", "sentence2": null, "score": 1}\n', r"a\.jsonl:1: the sentences must be text"),
         ("a.json", '[{"s1": "x", "s2": "y", "score": 1}, 3]', r"a\.json: row 2: expected a JSON object"),
         ("a.parquet", "not parquet", r"a\.parquet: cannot read as Parquet"),
+        ("a.csv", "sentence1,sentence2,score\n", r"a\.csv: no sentence pairs \(an empty file, or a header without rows\)"),
+        ("a.csv", 'sentence1,sentence2,score\nx,y,1\n"x,y,2\n', r"a\.csv:3: 1 comma-separated columns, the header has 3"),
     ],
 )  # fmt: skip
 def test_read_sts_errors_name_the_file_and_line(tmp_path, name, text, message):

@@ -424,3 +424,36 @@ def test_stage_precision_against_the_launchers(capsys):
         _check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
     _check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
     assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().out
+
+
+def test_sharding_setups_that_would_lose_rank_0s_weights_are_refused(tmp_path, models):
+    from types import SimpleNamespace
+
+    from stella_distill.errors import UserError
+    from stella_distill.train import _check_sharding_setup
+
+    cfg = from_dict(base_config(tmp_path, models))  # three stages
+
+    def acc(kind: str, world: int = 2, **plugin):
+        state = SimpleNamespace(
+            deepspeed_plugin=SimpleNamespace(**plugin), fsdp_plugin=SimpleNamespace(**plugin)
+        )
+        return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), num_processes=world, state=state)
+
+    _check_sharding_setup(cfg, acc("MULTI_GPU"))
+    _check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=False))
+    with pytest.raises(UserError, match=r"^accelerate config zero3_init_flag: must be false"):
+        _check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=True))
+    _check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=True))
+    _check_sharding_setup(cfg, acc("FSDP", world=1, fsdp_version=1, sync_module_states=False))
+    with pytest.raises(UserError, match=r"^accelerate config fsdp_sync_module_states: must be true"):
+        _check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=False))
+    _check_sharding_setup(
+        cfg, acc("FSDP", fsdp_version=2, sync_module_states=None, cpu_ram_efficient_loading=True)
+    )
+    with pytest.raises(
+        UserError, match=r"^accelerate config fsdp_cpu_ram_efficient_loading: must be true with FSDP2"
+    ):
+        _check_sharding_setup(
+            cfg, acc("FSDP", fsdp_version=2, sync_module_states=None, cpu_ram_efficient_loading=False)
+        )
