@@ -82,11 +82,9 @@ def build_models(root: Path, tokenizer: Path, tiny: bool) -> dict[str, Path]:
         tok.save_pretrained(root / name)
         out[name] = root / name
         del model
-    try:
-        from sentence_transformers.sentence_transformer.modules import Dense
-    except ImportError:  # sentence-transformers before 6
-        from sentence_transformers.models import Dense
+    from stella_distill.pooling import dense_class
 
+    Dense = dense_class()
     torch.manual_seed(1)
     dense = Dense(qwen.hidden_size, dense_out, activation_function=torch.nn.Identity())
     (root / "teacher_qwen" / f"2_Dense_{dense_out}").mkdir()

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import lzma
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from stella_distill.config import DataConfig, SourceConfig
-from stella_distill.errors import UserError
+from stella_distill.errors import UserError, first_line
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".tsv")
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # text formats may be compressed: corpus.jsonl.gz, lines.txt.xz
@@ -405,13 +406,13 @@ def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
             f"{where}.path: {path}: the folder holds no saved dataset and no data files "
             f"({', '.join(FILE_SUFFIXES)})"
         )
-    names = {p.name for p in files}
+    present = set(files)
     for p in files:
-        fmt, compression = file_format(p)
-        if compression and p.name[: -len(compression)] in names:
+        compression = file_format(p)[1]
+        plain = p.with_name(p.name[: -len(compression)]) if compression else None
+        if plain in present:
             raise UserError(
-                f"{where}.path: {path} holds both {p.name[: -len(compression)]} and {p.name}; "
-                f"keep one of them (both would be read)"
+                f"{where}.path: {path} holds both {plain.name} and {p.name}; keep one of them (both would be read)"
             )
     for p in _files_of_split(path, files, src, where):
         yield from _iter_file(p, src.text_field, where, src.quoting)
@@ -426,8 +427,6 @@ def _split_of(relative: Path, extra: str) -> str | None:
     the split (``train/part-0.jsonl``), a shard named ``NAME-00000-of-00002.parquet`` (any NAME), or a
     file name that starts with a known split (``test.jsonl``, ``dev_pairs.tsv``). ``extra`` (the
     configured split) counts as a known split name too."""
-    import re
-
     known = dict(SPLIT_NAMES)
     known.setdefault(extra.lower(), extra.lower())
     for folder in relative.parts[:-1]:
@@ -470,19 +469,19 @@ def _iter_hub(src: SourceConfig, where: str) -> Iterator[Any]:
     try:
         ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=streaming)
     except ConnectionError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(
             f"{where}.path: {src.path!r} does not exist locally and the Hugging Face Hub could not be "
             f"reached to load it as a dataset ({first})"
         ) from None
     except FileNotFoundError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(
             f"{where}.path: {src.path!r} does not exist locally and is not a dataset on the Hugging Face "
             f"Hub ({first})"
         ) from None
     except Exception as exc:  # e.g. an unknown split or config name
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"{where}.path: cannot load Hugging Face dataset {src.path!r}: {first}") from None
     if not streaming:
         yield from _dataset_column(ds, src, where)
@@ -494,7 +493,7 @@ def _iter_hub(src: SourceConfig, where: str) -> Iterator[Any]:
         except StopIteration:
             return
         except (ConnectionError, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"{where}.path: streaming {src.path!r} broke off: {first}") from None
         if src.text_field not in row:
             raise UserError(

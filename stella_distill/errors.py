@@ -9,6 +9,12 @@ class UserError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when the message is empty): library errors
+    often carry pages of detail, a one-line error needs the headline."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def write_failure(exc: BaseException) -> str | None:
     """``"<path>: <reason>"`` if ``exc`` is a failed write (disk full, read-only, not a folder), else None.
 

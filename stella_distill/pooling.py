@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from stella_distill.errors import UserError
+from stella_distill.errors import UserError, first_line
 
 POOLINGS = ("cls", "mean", "last_token")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,6 +111,13 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _offline_hint() -> str:
+    """What to add to a load error when the Hub is switched off."""
+    if not _offline():
+        return ""
+    return " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
+
+
 def _load(fn, name_or_path: str, *, field: str, **kwargs):
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         # from_pretrained would answer with a confusing "Repo id must be in the form ..." error
@@ -118,12 +125,8 @@ def _load(fn, name_or_path: str, *, field: str, **kwargs):
     try:
         return fn(name_or_path, **kwargs)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
-            if _offline()
-            else ""
-        )
+        first = first_line(exc)
+        hint = _offline_hint()
         raise UserError(f"{field}: cannot load {name_or_path!r}: {first}{hint}") from None
     except ValueError as exc:
         text = " ".join(str(exc).split())
@@ -145,6 +148,15 @@ def dense_location(model: str, dense: str) -> tuple[str, str]:
     return model, dense.strip("/")
 
 
+def dense_class() -> type:
+    """sentence-transformers' ``Dense`` module class (its home moved in sentence-transformers 6)."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Dense
+    return Dense
+
+
 def load_dense(
     model: str, dense: str, *, revision: str | None, trust_remote_code: bool, field: str
 ) -> torch.nn.Module:
@@ -155,11 +167,7 @@ def load_dense(
     stella_en_1.5B_v5's ``2_Dense_8192``) is applied exactly as ``SentenceTransformer`` applies it.
     Returns a module mapping ``(B, in_features)`` to ``(B, out_features)``; errors name ``field``.
     """
-    try:
-        from sentence_transformers.sentence_transformer.modules import Dense
-    except ImportError:  # sentence-transformers before 6
-        from sentence_transformers.models import Dense
-
+    Dense = dense_class()
     where, subfolder = dense_location(model, dense)
     local = Path(where).expanduser()
     if local.is_dir() and not (local / subfolder / "config.json").is_file():
@@ -171,12 +179,8 @@ def load_dense(
             where, subfolder=subfolder, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = (
-            " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
-            if _offline()
-            else ""
-        )
+        first = first_line(exc)
+        hint = _offline_hint()
         raise UserError(
             f"{field}: cannot load the Dense module {dense!r} of {model!r}: {first[:300]}{hint}"
         ) from None

@@ -29,3 +29,19 @@ def cache_files(folder: Path) -> dict[str, bytes]:
                 data = json.dumps(m, sort_keys=True).encode()
             files[str(p.relative_to(folder))] = data
     return files
+
+
+def precompute_config(
+    tmp_path: Path, teachers: list[dict], texts: list[str], *, name: str = "t", max_length: int = 64
+) -> dict:
+    """A precompute-only experiment over ``texts`` (written to ``tmp_path/corpus.txt``) as plain data."""
+    corpus = Path(tmp_path) / "corpus.txt"
+    corpus.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return {
+        "name": name,
+        "output_dir": str(Path(tmp_path) / "run"),
+        "cache_dir": str(Path(tmp_path) / "cache"),
+        "data": {"train": [{"path": str(corpus)}], "max_length": max_length},
+        "teachers": teachers,
+        "logging": {"progress": False},
+    }

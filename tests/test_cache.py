@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import precompute_config
 
 from stella_distill.cache import CacheError, TeacherCache, build_target, open_caches
 from stella_distill.config import from_dict
@@ -18,16 +19,7 @@ def _texts(texts: list[str]) -> list[str]:
 
 
 def _config(tmp_path: Path, teachers: list[dict], texts: list[str]) -> dict:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    return {
-        "name": "c",
-        "output_dir": str(tmp_path / "run"),
-        "cache_dir": str(tmp_path / "cache"),
-        "data": {"train": [{"path": str(corpus)}], "max_length": 32},
-        "teachers": teachers,
-        "logging": {"progress": False},
-    }
+    return precompute_config(tmp_path, teachers, texts, name="c", max_length=32)
 
 
 @pytest.fixture(scope="module")

@@ -260,6 +260,12 @@ def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
     _write(tmp_path / "plain" / "faq.txt.gz", gzip.compress(b"a\n"))
     with pytest.raises(UserError, match=r"holds both faq\.txt and faq\.txt\.gz; keep one of them"):
         _corpus({"path": str(tmp_path / "plain")})
+    # the same name in two different subfolders is two files, not a copy
+    (tmp_path / "two" / "x").mkdir(parents=True)
+    (tmp_path / "two" / "y").mkdir()
+    _write(tmp_path / "two" / "x" / "a.txt", "first\n")
+    _write(tmp_path / "two" / "y" / "a.txt.gz", gzip.compress(b"second\n"))
+    assert _corpus({"path": str(tmp_path / "two")}).texts == ["first", "second"]
 
 
 def test_quoted_tsv_is_detected_and_quoting_can_be_forced(tmp_path):

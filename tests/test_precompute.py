@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cache_files
+from helpers import cache_files, precompute_config
 
 from stella_distill.cache import CacheError, TeacherCache
 from stella_distill.config import TeacherConfig, from_dict
@@ -30,16 +30,8 @@ def corpus_texts(texts: list[str], n: int) -> list[str]:
 
 
 def make_config(tmp_path: Path, model: Path, texts: list[str], **teacher) -> dict:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    return {
-        "name": "t",
-        "output_dir": str(tmp_path / "run"),
-        "cache_dir": str(tmp_path / "cache"),
-        "data": {"train": [{"path": str(corpus)}], "max_length": 64},
-        "teachers": [{"name": "bert", "model": str(model), "pooling": "mean", "shard_size": 8, **teacher}],
-        "logging": {"progress": False},
-    }
+    teachers = [{"name": "bert", "model": str(model), "pooling": "mean", "shard_size": 8, **teacher}]
+    return precompute_config(tmp_path, teachers, texts)
 
 
 def write_yaml(tmp_path: Path, cfg: dict) -> Path:
