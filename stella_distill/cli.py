@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from stella_distill.errors import UserError
+from stella_distill.distributed import leave_process_group
+from stella_distill.errors import UserError, first_line
 
 EXIT_USER_ERROR = 2
 
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        leave_process_group()
+        return code
     except UserError as exc:
         print(f"stella-distill {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Another process of the job stopped (its own error, e.g. a failed write on rank 0, is what
         # the user needs); this one only saw the connection drop in the middle of a collective.
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)[:200]
         print(
             f"stella-distill {args.verb}: rank {rank}: another process of this job stopped ({first}); "
             "its error is printed above; finished work is kept",

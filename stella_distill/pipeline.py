@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stella_distill.config import ExperimentConfig, MRLConfig
+from stella_distill.distributed import leave_process_group
 
 
 def _final_matches(cfg: ExperimentConfig, run_dir: Path) -> bool:
@@ -96,7 +97,11 @@ def run_all(cfg: ExperimentConfig) -> dict:
     timings["train_s"] = time.perf_counter() - t
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # under `accelerate launch`: export and evaluation run once
+    main_process = PartialState().is_main_process
+    # under `accelerate launch`: export and evaluation run once, on the main process, which needs no
+    # group for them; leave it together now rather than make the others wait at exit
+    leave_process_group()
+    if not main_process:
         return {}
 
     sts = list(cfg.evaluate.sts)
