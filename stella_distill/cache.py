@@ -33,6 +33,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stella_distill.errors import UserError
+from stella_distill.files import (
+    atomic_write,
+    named_os_error,
+    npy_header,
+    replaced_atomically,
+    sha256_file,
+    sha256_rows,
+)
+from stella_distill.fingerprints import identity_difference, identity_field, teacher_identity
+from stella_distill.tables import read_json
+from stella_distill.version import __version__
 
 if TYPE_CHECKING:
     from stella_distill.config import ExperimentConfig, TeacherConfig
@@ -40,14 +51,11 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 STORAGE_DTYPE = "float16"
-MANIFEST = "manifest.json"
-BUILD = "build.json"
-VECTORS = "vectors.npy"
-ROW_HASHES = "row_hashes.npy"
-SHARDS = "shards"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# The fields that decide what a teacher writes, in the order a mismatch is reported.
-TEACHER_FIELDS = ("model", "revision", "pooling", "dense", "prompt", "max_length", "normalize", "dtype")
+_MANIFEST = "manifest.json"
+_BUILD = "build.json"
+_VECTORS = "vectors.npy"
+_ROW_HASHES = "row_hashes.npy"
+_SHARDS = "shards"
 
 
 class CacheError(UserError):
@@ -56,55 +64,6 @@ class CacheError(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Small file helpers
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; the file written there then replaces ``path`` atomically.
-
-    On leaving, the temp file is fsynced, renamed over ``path`` and the folder fsynced, so readers
-    see the old file or the whole new one. A failed write (disk full, read-only folder) removes the
-    temp file and raises ``OSError`` naming ``path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise named_os_error(exc, path) from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`replaced_atomically`)."""
-    with replaced_atomically(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # e.g. the folder is gone or read-only: nothing left to clean
-        pass
-
-
-def named_os_error(exc: OSError, path: Path) -> OSError:
-    """``exc`` naming ``path`` if it names no file (writes to an open file name none)."""
-    if exc.filename is not None:
-        return exc
-    return OSError(exc.errno, exc.strerror or str(exc), str(path))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -117,18 +76,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path, label: str) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = read_json(path)
+    except UserError as exc:
         raise CacheError(
             f"{label}: {path.name} is unreadable ({exc}); remove {path.parent} and rerun precompute"
         ) from None
@@ -144,105 +95,26 @@ def shard_bounds(rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, rows)) for s in range(0, rows, shard_size)]
 
 
-def shard_record_path(folder: Path, index: int) -> Path:
+def _shard_record_path(folder: Path, index: int) -> Path:
     """Where the done-record of shard ``index`` lives."""
-    return Path(folder) / SHARDS / f"shard-{index:05d}.json"
+    return Path(folder) / _SHARDS / f"shard-{index:05d}.json"
 
 
 def _label(folder: Path) -> str:
     return f"cache/{Path(folder).name}"
 
 
-def _vectors_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
-    """(data offset, shape, dtype) from a .npy header."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-        if fortran:
-            raise ValueError("Fortran-ordered array")
-        return f.tell(), shape, dtype
-
-
 # ---------------------------------------------------------------------------------------------
 # What a cache is for
 
 
-def weights_sha256(folder: str | Path) -> str:
-    """sha256 over a local model folder's config.json and weight files (names and bytes, sorted)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if (folder / "config.json").is_file():
-        files.insert(0, folder / "config.json")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + _sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
-
-
-def expected_manifest_fields(teacher: TeacherConfig, max_length: int) -> dict:
-    """The manifest fields a cache for ``teacher`` at ``max_length`` must carry.
-
-    ``revision`` is the configured revision for Hub ids and ``sha256:<hex>`` of the weight files
-    for a local folder, so a retrained or swapped local model is told apart from the old one.
-    """
-    local = Path(teacher.model).expanduser()
-    revision = f"sha256:{weights_sha256(local)}" if local.is_dir() else teacher.revision
-    dense = teacher.dense or None  # absent from caches built without one: None == None
-    if dense:
-        from stella_distill.pooling import dense_location
-
-        where, subfolder = dense_location(teacher.model, dense)
-        folder = Path(where).expanduser() / subfolder
-        if folder.is_dir():  # a local head is told apart by its weights, like a local model
-            dense = f"{dense} (sha256:{weights_sha256(folder)})"
-    return {
-        "teacher": teacher.name,
-        "model": teacher.model,
-        "revision": revision,
-        "pooling": teacher.pooling,
-        "dense": dense,
-        "prompt": teacher.prompt,
-        "max_length": int(max_length),
-        "dtype": teacher.dtype,
-        "normalize": bool(teacher.normalize),
-    }
-
-
-def _config_field(key: str, index: int | None) -> str:
-    where = f"teachers.{index}" if index is not None else "teacher"
-    if key == "max_length":
-        return f"{where}.max_length or data.max_length"
-    if key == "revision":
-        return f"{where}.revision / the weights of {where}.model"
-    return f"{where}.{key}"
-
-
-def _first_field_difference(recorded: dict, expected: dict) -> tuple[str, Any, Any] | None:
-    for key in TEACHER_FIELDS:
-        if key == "model":
-            both_local = str(recorded.get("revision", "")).startswith("sha256:") and str(
-                expected.get("revision", "")
-            ).startswith("sha256:")
-            # A local folder that moved but holds the same weights is the same teacher.
-            if both_local and recorded.get("revision") == expected.get("revision"):
-                continue
-        if recorded.get(key) != expected.get(key):
-            return key, recorded.get(key), expected.get(key)
-    return None
-
-
 def compare_teacher(recorded: dict, expected: dict, *, label: str, index: int | None) -> None:
     """Raise :class:`CacheError` naming the first teacher field where ``recorded`` differs."""
-    diff = _first_field_difference(recorded, expected)
+    diff = identity_difference(recorded, expected)
     if diff is None:
         return
     key, was, now = diff
-    raise CacheError(f"{label}: built for {key} {was!r}, config says {now!r} ({_config_field(key, index)})")
+    raise CacheError(f"{label}: built for {key} {was!r}, config says {now!r} ({identity_field(key, index)})")
 
 
 def compare_corpus(
@@ -252,23 +124,29 @@ def compare_corpus(
     stored_hashes: np.ndarray | None,
     corpus_hashes: np.ndarray,
     texts=None,
+    *,
+    corpus_fingerprint: str | None = None,
 ) -> None:
-    """Raise :class:`CacheError` if the cache rows are not the corpus rows, naming the first that differs."""
+    """Raise :class:`CacheError` if the cache rows are not the corpus rows, naming the first that differs.
+
+    The rows are compared hash by hash when the cache's own row hashes are at hand (``stored_hashes``),
+    else by the corpus fingerprint (``fingerprint`` recorded, ``corpus_fingerprint`` now).
+    """
     if rows != len(corpus_hashes):
         raise CacheError(
             f"{label}: built for a corpus of {rows} rows, the corpus now has {len(corpus_hashes)} "
             f"(data.train / data.limit / data.dedupe changed)"
         )
-    from stella_distill.data import corpus_fingerprint
-
-    if fingerprint == corpus_fingerprint(corpus_hashes):
-        return
     if stored_hashes is None or len(stored_hashes) != rows:
+        if fingerprint == corpus_fingerprint:
+            return
         raise CacheError(f"{label}: built for another corpus (fingerprint {fingerprint[:12]}) (data.train)")
     differ = np.flatnonzero(
         np.asarray(stored_hashes, dtype=np.uint64) != np.asarray(corpus_hashes, dtype=np.uint64)
     )
-    first = int(differ[0]) if len(differ) else 0
+    if not len(differ):
+        return
+    first = int(differ[0])
     shown = f" {texts[first][:60]!r}" if texts is not None else ""
     raise CacheError(
         f"{label}: built for another corpus: row {first} differs (corpus text{shown}); "
@@ -277,7 +155,7 @@ def compare_corpus(
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing (used by the precompute job)
+# Writing: the build protocol (the precompute job's only way into the cache)
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -286,39 +164,173 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_build(folder: Path) -> dict | None:
+class CacheBuild:
+    """Building one teacher's cache folder: plan, start, write each shard, finish.
+
+    ::
+
+        build = CacheBuild.plan(folder, teacher, index=i, max_length=n, corpus=corpus)   # one process
+        if not build.skip:
+            todo = build.start(dim, corpus.row_hashes)   # one process: files created; shards left to do
+            build.write_shard(k, vectors)                # any process, each shard of `todo` once
+            manifest = build.finish(commit)              # one process, after every shard
+
+    ``plan`` decides: skip (a complete cache that matches teacher and corpus), resume (an unfinished
+    build for the same teacher and corpus) or start afresh; anything else in the folder is refused,
+    never overwritten. The object holds plain data only (paths, dicts, ints), so the process that
+    planned can hand it to the others. Failed writes (disk full, read-only folder) are a
+    :class:`CacheError` naming the path; finished shards stay recorded, so a rerun continues.
+    """
+
+    def __init__(self, folder: Path, build: dict, *, index: int, skip: bool, resume_dim: int | None):
+        self.folder = Path(folder)
+        self.label = _label(self.folder)
+        self.index = index  # the teacher's position in the config, for field names in errors
+        self.build = build  # what the folder is built for (build.json, without the dim until start)
+        self.skip = skip
+        self.resume_dim = resume_dim  # the dim of an unfinished build, None when starting afresh
+
+    @classmethod
+    def plan(
+        cls, folder: Path, teacher: TeacherConfig, *, index: int, max_length: int, corpus: Corpus
+    ) -> CacheBuild:
+        """Decide what to do with ``folder`` for ``teacher`` over ``corpus`` (see the class doc)."""
+        folder = Path(folder)
+        label = _label(folder)
+        refuse = f"; precompute will not overwrite it: remove {folder} to rebuild it"
+        expected = teacher_identity(teacher, max_length)
+        build = {
+            **expected,
+            "rows": len(corpus),
+            "corpus_fingerprint": corpus.fingerprint,
+            "shard_size": teacher.shard_size,
+        }
+        if (folder / _MANIFEST).is_file():
+            try:
+                cache = TeacherCache(folder, verify=True)
+                cache.check(teacher=teacher, max_length=max_length, corpus=corpus, index=index)
+            except CacheError as exc:
+                raise CacheError(str(exc) if "remove" in str(exc) else f"{exc}{refuse}") from None
+            return cls(folder, build, index=index, skip=True, resume_dim=None)
+        old = _read_build(folder)
+        if old is not None:
+            try:
+                compare_teacher(old, expected, label=label, index=index)
+                compare_corpus(
+                    label, int(old["rows"]), old["corpus_fingerprint"], None, corpus.row_hashes,
+                    corpus_fingerprint=corpus.fingerprint,
+                )  # fmt: skip
+            except CacheError as exc:
+                raise CacheError(f"{exc} (an unfinished build){refuse}") from None
+            if old.get("shard_size") != teacher.shard_size:
+                raise CacheError(
+                    f"{label}: an unfinished build uses shard_size {old.get('shard_size')}, config says "
+                    f"{teacher.shard_size} (teachers.{index}.shard_size); set it back to resume or remove {folder}"
+                )
+            return cls(folder, build, index=index, skip=False, resume_dim=int(old["dim"]))
+        if folder.exists() and any(
+            not p.name.startswith(".") and p.name != _SHARDS for p in folder.iterdir()
+        ):
+            raise CacheError(
+                f"{label}: {folder} exists and is not a stella-distill cache; remove it or pick another cache_dir"
+            )
+        with _writes(folder):  # an unwritable cache_dir fails before the teacher loads
+            folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder, build, index=index, skip=False, resume_dim=None)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` corpus rows of every shard."""
+        return shard_bounds(int(self.build["rows"]), int(self.build["shard_size"]))
+
+    def start(self, dim: int, row_hashes: np.ndarray) -> list[int]:
+        """Create (or check) the folder's files for ``dim``-d vectors; return the shards still to encode."""
+        if self.resume_dim is not None and self.resume_dim != dim:
+            raise CacheError(
+                f"{self.label}: an unfinished build has dim {self.resume_dim}, the teacher gives {dim}"
+            )
+        self.build["dim"] = int(dim)
+        folder = self.folder
+        with _writes(folder):
+            _remove_temp_files(folder)
+            if self.resume_dim is None or not (folder / _ROW_HASHES).is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write(folder / _BUILD, _json_bytes(self.build))
+                (folder / _SHARDS).mkdir(exist_ok=True)
+                atomic_write(folder / _ROW_HASHES, _npy_bytes(np.asarray(row_hashes, dtype="<u8")))
+            _ensure_vectors_file(folder, int(self.build["rows"]), int(dim))
+        return [i for i, (a, b) in enumerate(self.bounds()) if _read_shard_record(folder, i, a, b) is None]
+
+    def write_shard(self, index: int, vectors: np.ndarray) -> int:
+        """Store shard ``index``'s float32 vectors as float16 rows; returns how many rows are invalid.
+
+        NaN/inf from the teacher, or values beyond float16's range, are stored as zeros and listed in
+        the shard record (``invalid_rows`` of the manifest). The rows go to their place in vectors.npy
+        and are fsynced before the record is written, so a shard without a record is simply redone.
+        """
+        start, stop = self.bounds()[index]
+        if vectors.shape[0] != stop - start:
+            raise ValueError(f"{self.label}: shard {index} needs {stop - start} rows, got {vectors.shape[0]}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            half = np.asarray(vectors).astype(np.float16)
+        bad = ~np.isfinite(half).all(axis=1)
+        half[bad] = 0
+        with _writes(self.folder):
+            _write_shard(self.folder, index, start, half, (np.flatnonzero(bad) + start).tolist())
+        return int(bad.sum())
+
+    def finish(self, commit: str | None = None) -> dict:
+        """Write the manifest from every shard's record (``commit``: the model's Hub commit, if any)."""
+        records = [
+            _read_shard_record(self.folder, i, a, b, check_bytes=False)
+            for i, (a, b) in enumerate(self.bounds())
+        ]
+        missing = [i for i, r in enumerate(records) if r is None]
+        if missing:
+            raise RuntimeError(f"{self.label}: shards {missing[:10]} have no record after encoding")
+        with _writes(self.folder):
+            return _write_manifest(self.folder, self.build, records, extra={"commit": commit})
+
+
+@contextlib.contextmanager
+def _writes(folder: Path) -> Iterator[None]:
+    """Turn a failed cache write (disk full, read-only or missing folder) into one line naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        try:
+            done = len(list((folder / _SHARDS).glob("shard-*.json")))
+        except OSError:
+            done = 0
+        kept = f"the {done} finished shards are kept; " if done else ""
+        raise CacheError(
+            f"{_label(folder)}: cannot write {exc.filename or folder}: {exc.strerror or exc}; {kept}"
+            f"free space or fix the folder, then rerun precompute to continue"
+        ) from None
+
+
+def _read_build(folder: Path) -> dict | None:
     """The folder's ``build.json`` (what it is being built for), or None if there is none."""
-    path = Path(folder) / BUILD
+    path = Path(folder) / _BUILD
     return _read_json(path, _label(folder)) if path.is_file() else None
 
 
-def start_build(folder: Path, build: dict, row_hashes: np.ndarray) -> None:
-    """Record what the folder is built for, then write row_hashes.npy and a zero vectors.npy."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / BUILD, _json_bytes(build))
-    (folder / SHARDS).mkdir(exist_ok=True)
-    atomic_write(folder / ROW_HASHES, _npy_bytes(np.asarray(row_hashes, dtype="<u8")))
-    ensure_vectors_file(folder, build["rows"], build["dim"])
-
-
-def remove_temp_files(folder: Path) -> None:
+def _remove_temp_files(folder: Path) -> None:
     """Delete temp files a killed writer left behind (only while no other writer runs)."""
-    for sub in (Path(folder), Path(folder) / SHARDS):
+    for sub in (Path(folder), Path(folder) / _SHARDS):
         if sub.is_dir():
             for p in sub.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
 
 
-def ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
+def _ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
     """Create ``vectors.npy`` (zeros) unless a file of the right shape is there; True if created.
 
     A recreated file invalidates every shard record, so those are removed with it.
     """
-    path = Path(folder) / VECTORS
+    path = Path(folder) / _VECTORS
     if path.is_file():
         try:
-            offset, shape, dtype = _vectors_offset(path)
+            offset, shape, dtype = npy_header(path)
             if (
                 shape == (rows, dim)
                 and dtype == np.float16
@@ -327,7 +339,7 @@ def ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
                 return False
         except (OSError, ValueError):
             pass
-    for rec in (Path(folder) / SHARDS).glob("shard-*.json"):
+    for rec in (Path(folder) / _SHARDS).glob("shard-*.json"):
         rec.unlink()
     with replaced_atomically(path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
@@ -336,12 +348,12 @@ def ensure_vectors_file(folder: Path, rows: int, dim: int) -> bool:
     return True
 
 
-def write_shard(folder: Path, index: int, start: int, rows: np.ndarray, nonfinite_rows: list[int]) -> dict:
+def _write_shard(folder: Path, index: int, start: int, rows: np.ndarray, nonfinite_rows: list[int]) -> dict:
     """Write one shard's float16 rows at their place in vectors.npy, fsync, then its record."""
     folder = Path(folder)
     rows = np.ascontiguousarray(rows, dtype="<f2")
-    path = folder / VECTORS
-    offset, shape, _ = _vectors_offset(path)
+    path = folder / _VECTORS
+    offset, shape, _ = npy_header(path)
     data = rows.tobytes()
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -361,18 +373,18 @@ def write_shard(folder: Path, index: int, start: int, rows: np.ndarray, nonfinit
         "sha256": hashlib.sha256(data).hexdigest(),
         "nonfinite_rows": [int(r) for r in nonfinite_rows],
     }
-    atomic_write(shard_record_path(folder, index), _json_bytes(record))
+    atomic_write(_shard_record_path(folder, index), _json_bytes(record))
     return record
 
 
-def read_shard_record(
+def _read_shard_record(
     folder: Path, index: int, start: int, stop: int, *, check_bytes: bool = True
 ) -> dict | None:
     """The record of a finished shard, or None if the shard must be (re)done.
 
     With ``check_bytes`` the shard's region of vectors.npy is hashed and must match the record.
     """
-    path = shard_record_path(folder, index)
+    path = _shard_record_path(folder, index)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -384,32 +396,15 @@ def read_shard_record(
     ):
         return None
     if check_bytes:
-        vectors = Path(folder) / VECTORS
-        offset, shape, _ = _vectors_offset(vectors)
-        if _region_sha256(vectors, offset, start, stop, shape[1] * 2) != record.get("sha256"):
+        vectors = Path(folder) / _VECTORS
+        offset, shape, _ = npy_header(vectors)
+        if sha256_rows(vectors, offset, start, stop, shape[1] * 2) != record.get("sha256"):
             return None
     return record
 
 
-def _region_sha256(path: Path, offset: int, start: int, stop: int, row_bytes: int) -> str | None:
-    """sha256 of rows [start, stop) of a row-major file, or None if the file is too short."""
-    h = hashlib.sha256()
-    want = (stop - start) * row_bytes
-    with open(path, "rb") as f:
-        f.seek(offset + start * row_bytes)
-        while want > 0:
-            chunk = f.read(min(want, 1 << 24))
-            if not chunk:
-                return None
-            h.update(chunk)
-            want -= len(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path, build: dict, records: list[dict], *, extra: dict | None = None) -> dict:
+def _write_manifest(folder: Path, build: dict, records: list[dict], *, extra: dict | None = None) -> dict:
     """Write manifest.json (last, atomically) from the build description and all shard records."""
-    from stella_distill import __version__
-
     folder = Path(folder)
     invalid = sorted(r for rec in records for r in rec["nonfinite_rows"])
     manifest = dict(build)
@@ -419,7 +414,7 @@ def write_manifest(folder: Path, build: dict, records: list[dict], *, extra: dic
             "format_version": FORMAT_VERSION,
             "storage_dtype": STORAGE_DTYPE,
             "shards": [rec["sha256"] for rec in sorted(records, key=lambda r: r["index"])],
-            "row_hashes_sha256": _sha256_file(folder / ROW_HASHES),
+            "row_hashes_sha256": sha256_file(folder / _ROW_HASHES),
             "invalid_rows": invalid,
             "complete": True,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -427,7 +422,7 @@ def write_manifest(folder: Path, build: dict, records: list[dict], *, extra: dic
         }
     )
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    atomic_write(folder / MANIFEST, _json_bytes(manifest))
+    atomic_write(folder / _MANIFEST, _json_bytes(manifest))
     return manifest
 
 
@@ -457,18 +452,18 @@ class TeacherCache:
         if len(m["shards"]) != len(bounds):
             raise CacheError(f"{label}: manifest lists {len(m['shards'])} shards, {len(bounds)} expected")
         self.row_hashes = _open_row_hashes(self.path, m)
-        vectors_path = self.path / VECTORS
+        vectors_path = self.path / _VECTORS
         if not vectors_path.is_file():
-            raise CacheError(f"{label}: {VECTORS} is missing; remove {self.path} and rerun precompute")
+            raise CacheError(f"{label}: {_VECTORS} is missing; remove {self.path} and rerun precompute")
         try:
-            offset, shape, dtype = _vectors_offset(vectors_path)
+            offset, shape, dtype = npy_header(vectors_path)
         except (OSError, ValueError) as exc:
             raise CacheError(
-                f"{label}: {VECTORS} has a broken header ({exc}); remove {self.path} and rerun precompute"
+                f"{label}: {_VECTORS} has a broken header ({exc}); remove {self.path} and rerun precompute"
             ) from None
         if shape != (self.rows, self.dim) or dtype != np.float16:
             raise CacheError(
-                f"{label}: {VECTORS} holds {dtype} {shape}, manifest says float16 {(self.rows, self.dim)}"
+                f"{label}: {_VECTORS} holds {dtype} {shape}, manifest says float16 {(self.rows, self.dim)}"
             )
         row_bytes = self.dim * 2
         size = vectors_path.stat().st_size
@@ -478,14 +473,14 @@ class TeacherCache:
             start, stop = bounds[bad]
             what = "truncated" if size < offset + self.rows * row_bytes else "longer than the manifest says"
             raise CacheError(
-                f"{label}: {VECTORS} is {what} ({size} bytes, expected {offset + self.rows * row_bytes}): "
+                f"{label}: {_VECTORS} is {what} ({size} bytes, expected {offset + self.rows * row_bytes}): "
                 f"shard {bad} (rows {start}-{stop - 1}) is damaged; remove {self.path} and rerun precompute"
             )
         if verify:
             for i, (start, stop) in enumerate(bounds):
-                if _region_sha256(vectors_path, offset, start, stop, row_bytes) != m["shards"][i]:
+                if sha256_rows(vectors_path, offset, start, stop, row_bytes) != m["shards"][i]:
                     raise CacheError(
-                        f"{label}: shard {i} (rows {start}-{stop - 1}) of {VECTORS} does not match its "
+                        f"{label}: shard {i} (rows {start}-{stop - 1}) of {_VECTORS} does not match its "
                         f"checksum (corrupted); remove {self.path} and rerun precompute"
                     )
         self.vectors = np.load(vectors_path, mmap_mode="r")
@@ -516,9 +511,7 @@ class TeacherCache:
         ``teachers`` (for the field name).
         """
         label = _label(self.path)
-        compare_teacher(
-            self.manifest, expected_manifest_fields(teacher, max_length), label=label, index=index
-        )
+        compare_teacher(self.manifest, teacher_identity(teacher, max_length), label=label, index=index)
         if corpus is not None:
             row_hashes = corpus.row_hashes
         if row_hashes is not None:
@@ -530,12 +523,12 @@ class TeacherCache:
 
 def _open_manifest(folder: Path) -> dict:
     label = _label(folder)
-    path = folder / MANIFEST
+    path = folder / _MANIFEST
     if not path.is_file():
-        if (folder / BUILD).is_file():
-            build = read_build(folder) or {}
+        if (folder / _BUILD).is_file():
+            build = _read_build(folder) or {}
             total = len(shard_bounds(int(build.get("rows", 0)), int(build.get("shard_size", 1) or 1)))
-            done = len(list((folder / SHARDS).glob("shard-*.json")))
+            done = len(list((folder / _SHARDS).glob("shard-*.json")))
             raise CacheError(
                 f"{label}: the cache at {folder} is incomplete ({done} of {total} shards done); "
                 f"run `stella-distill precompute CONFIG` to finish it"
@@ -546,7 +539,7 @@ def _open_manifest(folder: Path) -> dict:
     manifest = _read_json(path, label)
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise CacheError(
-            f"{label}: {MANIFEST} does not match its own checksum (edited by hand?); "
+            f"{label}: {_MANIFEST} does not match its own checksum (edited by hand?); "
             f"remove {folder} and rerun precompute"
         )
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -561,14 +554,14 @@ def _open_manifest(folder: Path) -> dict:
 
 def _open_row_hashes(folder: Path, manifest: dict) -> np.ndarray:
     label = _label(folder)
-    path = folder / ROW_HASHES
-    if not path.is_file() or _sha256_file(path) != manifest.get("row_hashes_sha256"):
+    path = folder / _ROW_HASHES
+    if not path.is_file() or sha256_file(path) != manifest.get("row_hashes_sha256"):
         raise CacheError(
-            f"{label}: {ROW_HASHES} is missing or corrupted; remove {folder} and rerun precompute"
+            f"{label}: {_ROW_HASHES} is missing or corrupted; remove {folder} and rerun precompute"
         )
     hashes = np.load(path)
     if hashes.shape != (int(manifest["rows"]),):
-        raise CacheError(f"{label}: {ROW_HASHES} has {hashes.shape} rows, manifest says {manifest['rows']}")
+        raise CacheError(f"{label}: {_ROW_HASHES} has {hashes.shape} rows, manifest says {manifest['rows']}")
     return hashes
 
 
@@ -587,7 +580,8 @@ def open_caches(cfg: ExperimentConfig, corpus: Corpus, verify: bool = True) -> l
     return caches
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero), in ``x``'s dtype."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 
@@ -600,5 +594,5 @@ def build_target(caches: list[TeacherCache], rows: np.ndarray) -> np.ndarray:
     zero (invalid teacher output) stay zero within their teacher's block.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    parts = [_l2(np.asarray(c.vectors[rows], dtype=np.float32)) for c in caches]
-    return _l2(np.concatenate(parts, axis=1))
+    parts = [l2_normalize(np.asarray(c.vectors[rows], dtype=np.float32)) for c in caches]
+    return l2_normalize(np.concatenate(parts, axis=1))

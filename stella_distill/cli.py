@@ -10,7 +10,9 @@ import argparse
 import os
 import sys
 
-from stella_distill.distributed import leave_process_group
+import yaml
+
+from stella_distill.config import load_config
 from stella_distill.errors import UserError, first_line
 
 EXIT_USER_ERROR = 2
@@ -76,12 +78,10 @@ def _positive_int(text: str) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from stella_distill.config import load_config
-
+    # Each verb's module is imported when the verb runs: they pull in torch and transformers (seconds
+    # of start-up), which `check` and `--help` do without.
     if args.verb == "check":
         cfg = load_config(args.config, args.overrides)
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if args.verb == "precompute":
@@ -102,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "export":
         from stella_distill.export import export_run
 
-        export_run(args.run_dir, args.out, dim=args.dim, push_to_hub=args.push_to_hub, private=args.private)
+        export_run(args.run_dir, args.out, dim=args.dim, repo_id=args.push_to_hub, private=args.private)
         return 0
     if args.verb == "evaluate":
         from stella_distill.evaluate import evaluate_model
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code = _dispatch(args)
-        leave_process_group()
+        if "torch" in sys.modules:  # only a verb that ran torch can have joined a process group
+            from stella_distill.distributed import leave_process_group
+
+            leave_process_group()
         return code
     except UserError as exc:
         print(f"stella-distill {args.verb}: error: {exc}", file=sys.stderr)

@@ -78,7 +78,6 @@ class DataConfig:
         None, doc="cap on held-out rows (or the held-out count if eval_fraction is 0)"
     )
     group_by_length: bool = _f(True, doc="batch texts of similar length together (less padding)")
-    num_workers: int = _f(0, doc="dataloader worker processes")
 
 
 @dataclass
@@ -438,7 +437,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _positive(cfg.data.limit, "data.limit")
     _positive(cfg.data.max_length, "data.max_length")
     _positive(cfg.data.eval_limit, "data.eval_limit")
-    _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1); got {cfg.data.eval_fraction!r}")
     for i, src in enumerate(cfg.data.train):
@@ -587,23 +585,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the run folder's `config.yaml`)."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]:
-    """Dotted field name -> one-line doc, for documentation and `stella-distill config --help`."""
-    out: dict[str, str] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        out[name] = f.metadata.get("doc", "")
-        tp = hints[f.name]
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        for a in inner:
-            if typing.get_origin(a) is list:
-                a = typing.get_args(a)[0]
-                name_ = name + ".N"
-            else:
-                name_ = name
-            if dataclasses.is_dataclass(a):
-                out.update(field_docs(a, name_ + "."))
-    return out

@@ -13,13 +13,7 @@ their order only, not on how they were split over files. The teacher cache recor
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import lzma
 import re
-import sys
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,47 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from stella_distill import tables
 from stella_distill.config import DataConfig, SourceConfig
 from stella_distill.errors import UserError, first_line
-
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".tsv")
-COMPRESSIONS = (".gz", ".bz2", ".xz")  # text formats may be compressed: corpus.jsonl.gz, lines.txt.xz
-# what a truncated or corrupt compressed file raises while it is read (gzip/bz2: OSError; all: EOFError)
-DECOMPRESSION_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error)
-
-
-def file_format(path: str | Path) -> tuple[str, str | None]:
-    """``(format suffix, compression suffix or None)``: ``a.jsonl.gz`` -> ``(".jsonl", ".gz")``."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
-    return (suffixes[-1] if suffixes else ""), None
-
-
-def _is_data_file(path: str | Path) -> bool:
-    fmt, compression = file_format(path)
-    return fmt in FILE_SUFFIXES and not (compression and fmt == ".parquet")
-
-
-def open_binary(path: Path):
-    """``path`` opened for reading bytes, decompressed when its name ends in .gz, .bz2 or .xz."""
-    compression = file_format(path)[1]
-    if compression == ".gz":
-        import gzip
-
-        return gzip.open(path, "rb")
-    if compression == ".bz2":
-        import bz2
-
-        return bz2.open(path, "rb")
-    if compression == ".xz":
-        return lzma.open(path, "rb")
-    return path.open("rb")
-
-
-def _decompression_error(path: Path, exc: Exception) -> UserError:
-    return UserError(f"{path}: cannot decompress ({type(exc).__name__}: {exc}); is the file complete?")
-
+from stella_distill.fingerprints import corpus_fingerprint, text_hashes
+from stella_distill.hub import looks_local
+from stella_distill.tables import COMPRESSIONS, FILE_SUFFIXES, file_format, is_data_file
 
 _DISK_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -89,17 +48,6 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def text_hashes(texts: list[str]) -> np.ndarray:
-    """Per-text hash: the first 8 bytes of blake2b(text as UTF-8), as little-endian uint64."""
-    digests = b"".join(hashlib.blake2b(t.encode("utf-8")).digest()[:8] for t in texts)
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-
-
-def corpus_fingerprint(row_hashes: np.ndarray) -> str:
-    """sha256 hex over the row hashes (little-endian uint64 bytes, in order)."""
-    return hashlib.sha256(np.ascontiguousarray(row_hashes, dtype="<u8").tobytes()).hexdigest()
 
 
 def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print) -> Corpus:
@@ -190,15 +138,10 @@ def _iter_source(src: SourceConfig, where: str) -> Iterator[Any]:
         yield from _iter_file(path, src.text_field, where, src.quoting)
     elif path.is_dir():
         yield from _iter_folder(path, src, where)
-    elif _looks_local(src.path):
+    elif looks_local(src.path):
         raise UserError(f"{where}.path: {src.path}: file not found")
     else:
         yield from _iter_hub(src, where)
-
-
-def _looks_local(path: str) -> bool:
-    """A path that cannot be a Hub dataset id (``org/name`` or ``name``)."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path or _is_data_file(path)
 
 
 def _iter_file(path: Path, text_field: str, where: str, quoting: str = "auto") -> Iterator[Any]:
@@ -206,7 +149,7 @@ def _iter_file(path: Path, text_field: str, where: str, quoting: str = "auto") -
     if compression and suffix == ".parquet":
         suffix = ".parquet" + compression  # parquet compresses inside the file; refused below
     if suffix == ".txt":
-        for _, line in _decoded_lines(path):
+        for _, line in tables.decoded_lines(path):
             yield line
     elif suffix == ".jsonl":
         yield from _iter_json_lines(path, text_field, where)
@@ -224,33 +167,6 @@ def _iter_file(path: Path, text_field: str, where: str, quoting: str = "auto") -
         )
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) per line; bytes that are not UTF-8 are an error naming the line."""
-    try:
-        f = open_binary(path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    with f:
-        lineno = 0
-        lines = iter(f)
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                return
-            except DECOMPRESSION_ERRORS as exc:  # a truncated or corrupt compressed file
-                raise _decompression_error(path, exc) from None
-            lineno += 1
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
-                ) from None
-
-
 def _field_value(row: dict, text_field: str, where: str, loc: str) -> Any:
     if text_field not in row:
         keys = ", ".join(map(str, row)) or "none"
@@ -261,97 +177,36 @@ def _field_value(row: dict, text_field: str, where: str, loc: str) -> Any:
     return row[text_field]
 
 
+def _json_text(loc: str, item: Any, listed: bool, text_field: str, where: str) -> Any:
+    """The text of one JSON row: an object's ``text_field``, or the item itself in a list of texts."""
+    if isinstance(item, dict):
+        return _field_value(item, text_field, where, loc)
+    if listed and (isinstance(item, str) or item is None):
+        return item
+    wanted = (
+        f"an object with field {text_field!r} or a string"
+        if listed
+        else f"a JSON object with field {text_field!r}"
+    )
+    raise UserError(f"{loc}: expected {wanted}; got {tables.json_kind(item)}")
+
+
 def _iter_json_lines(path: Path, text_field: str, where: str) -> Iterator[Any]:
-    for lineno, line in _decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({_json_problem(exc)})") from None
-        if not isinstance(row, dict):
-            raise UserError(
-                f"{path}:{lineno}: expected a JSON object with field {text_field!r}; got {_json_kind(row)}"
-            )
-        yield _field_value(row, text_field, where, f"{path}:{lineno}")
+    for loc, row in tables.json_lines(path):
+        yield _json_text(loc, row, False, text_field, where)
 
 
 def _iter_json(path: Path, text_field: str, where: str) -> Iterator[Any]:
-    try:
-        with open_binary(path) as f:
-            raw = f.read()
-    except OSError as exc:
-        if exc.errno is None:  # gzip / bz2 format errors carry no errno
-            raise _decompression_error(path, exc) from None
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except DECOMPRESSION_ERRORS as exc:
-        raise _decompression_error(path, exc) from None
-    try:
-        body = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        lineno = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
-    if not body.lstrip().startswith("["):
-        yield from _iter_json_lines(path, text_field, where)
-        return
-    try:
-        items = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({_json_problem(exc)})") from None
-    for k, item in enumerate(items):
-        loc = f"{path}: item {k}"
-        if isinstance(item, dict):
-            yield _field_value(item, text_field, where, loc)
-        elif isinstance(item, str) or item is None:
-            yield item
-        else:
-            raise UserError(
-                f"{loc}: expected an object with field {text_field!r} or a string; got {_json_kind(item)}"
-            )
-
-
-def _json_problem(exc: json.JSONDecodeError) -> str:
-    # some messages end in "at" already ("Invalid control character at")
-    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
-    return f"{msg} at column {exc.colno}"
-
-
-def _json_kind(value: Any) -> str:
-    names = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def csv_quoted(lines: Iterator[str], delimiter: str, probe: int = 10_000) -> bool:
-    """Whether delimited text was written with csv quoting (pandas, the csv module): some field of
-    the first ``probe`` lines is wholly quoted with doubled quotes inside (``"a ""quoted"" word"``), a
-    form raw text almost never takes. Raw TSV (a text may start with a quote mark) says False."""
-    for k, line in enumerate(lines):
-        if k >= probe:
-            break
-        for field_ in line.rstrip("\r\n").split(delimiter):
-            if (
-                len(field_) >= 2
-                and field_[0] == field_[-1] == '"'
-                and ('""' in field_[1:-1] or field_ == '""')
-            ):
-                return True
-    return False
+    for loc, item, listed in tables.json_items(path):
+        yield _json_text(loc, item, listed, text_field, where)
 
 
 def _iter_csv(
     path: Path, text_field: str, where: str, delimiter: str, quoting: str = "auto"
 ) -> Iterator[Any]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # .csv follows the csv module's quoting (a quoted field may hold commas and newlines); .tsv is
-    # split on tabs (a text may start with a quote mark) unless it shows csv quoting (pandas output)
-    if quoting == "auto":
-        quoted = delimiter == "," or csv_quoted((line for _, line in _decoded_lines(path)), delimiter)
-    else:
-        quoted = quoting == "csv"
-    mode = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
-    reader = csv.reader((line for _, line in _decoded_lines(path)), delimiter=delimiter, quoting=mode)
+    rows = tables.delimited_rows(path, delimiter, quoting)
     try:
-        header = next(reader)
+        _, header = next(rows)
     except StopIteration:
         raise UserError(f"{path}: empty file (expected a header row naming {text_field!r})") from None
     if text_field not in header:
@@ -359,29 +214,21 @@ def _iter_csv(
             f"{path}:1: no column {text_field!r} ({where}.text_field); the header has: {', '.join(header)}"
         )
     col = header.index(text_field)
-    for row in reader:
+    for lineno, row in rows:
         if not row:
             continue
         if col >= len(row):
             raise UserError(
-                f"{path}:{reader.line_num}: row has {len(row)} columns, so no {text_field!r} "
+                f"{path}:{lineno}: row has {len(row)} columns, so no {text_field!r} "
                 f"(column {col + 1}); a row without it is an error, not a skip"
             )
         yield row[col]
 
 
 def _iter_parquet(path: Path, text_field: str, where: str) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises its own error types for broken files
-        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column {text_field!r} ({where}.text_field); columns: {', '.join(names)}")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=65536):
-        yield from batch.column(0).to_pylist()
+    hint = f" ({where}.text_field)"
+    for _, row in tables.parquet_rows(path, [text_field], hint=hint):
+        yield row[text_field]
 
 
 def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
@@ -400,7 +247,7 @@ def _iter_folder(path: Path, src: SourceConfig, where: str) -> Iterator[Any]:
             ds = ds[src.split]
         yield from _dataset_column(ds, src, where)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p))
     if not files:
         raise UserError(
             f"{where}.path: {path}: the folder holds no saved dataset and no data files "
@@ -511,3 +358,20 @@ def _dataset_column(ds, src: SourceConfig, where: str) -> Iterator[Any]:
     # Slices, so that a per-source limit stops early instead of materialising a huge column.
     for start in range(0, len(ds), 65536):
         yield from ds[start : start + 65536][src.text_field]
+
+
+# ---------------------------------------------------------------------------------------------
+# Row splits
+
+
+def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, seed: int):
+    """Split the valid row ids into (train_rows, eval_rows), seeded and independent of world size."""
+    rows = np.flatnonzero(valid)
+    n_eval = int(round(len(rows) * eval_fraction))
+    if eval_limit is not None:
+        n_eval = min(n_eval, eval_limit) if eval_fraction > 0 else eval_limit
+    n_eval = min(n_eval, max(len(rows) - 1, 0))
+    perm = np.random.default_rng(seed + 7919).permutation(len(rows))
+    eval_rows = np.sort(rows[perm[:n_eval]])
+    train_rows = np.sort(rows[perm[n_eval:]])
+    return train_rows, eval_rows

@@ -21,353 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stella_distill.data import DECOMPRESSION_ERRORS, csv_quoted, file_format, open_binary
+from stella_distill import tables
+from stella_distill.cache import build_target, l2_normalize, open_caches
+from stella_distill.card import DIM_PLOT, plot_metrics_by_dim
+from stella_distill.config import ExperimentConfig, load_config
+from stella_distill.data import load_corpus, split_rows
 from stella_distill.errors import UserError
-from stella_distill.export import DIM_PLOT, EVAL_FILE, load, plot_metrics_by_dim, read_layout, set_dim
+from stella_distill.evalsets import BeirSet, read_beir, read_sts
+from stella_distill.export import load, read_layout, set_dim
+from stella_distill.run import EVAL_FILE
 
 FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading inputs
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        with open_binary(path) as f:
-            data = f.read()
-        return data.decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: {what} is a folder, expected a file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except DECOMPRESSION_ERRORS as exc:
-        raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
-
-
-STS_COLUMNS = {  # accepted header names (lower case, '-' and ' ' read as '_'), first match wins
-    "sentence 1": ("sentence1", "sentence_1", "sentence_a", "sent1", "s1", "text1", "text_1", "text_a"),
-    "sentence 2": ("sentence2", "sentence_2", "sentence_b", "sent2", "s2", "text2", "text_2", "text_b"),
-    "score": ("score", "gold_score", "gold", "similarity", "similarity_score", "relatedness_score",
-              "label", "sim"),
-}  # fmt: skip
-
-
-def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Read a scored sentence-pair file: ``(sentences 1, sentences 2, gold scores)``.
-
-    Formats (Spearman ignores the score scale, so 0-5, 1-5 and 0-1 sets all work):
-
-    - STS-B's own distribution (``sts-dev.csv``): tab-separated, no header, columns 5, 6 and 7 are
-      score, sentence 1 and sentence 2, later columns ignored. Split on tabs only (the csv module
-      mis-reads the stray quotes of STS-B);
-    - a delimited file with a header naming the columns (``.tsv``/``.txt`` tab-separated, ``.csv``
-      comma-separated, quotes as the csv module reads them): sentence 1 as ``sentence1``,
-      ``sentence_a``, ``text1``..., sentence 2 likewise, the score as ``score``, ``label``,
-      ``similarity``, ``relatedness_score``... (``STS_COLUMNS``; SICK, MTEB and sentence-transformers
-      dumps use these);
-    - JSON lines (``.jsonl``, or ``.json`` holding a list of objects) and Parquet with those names.
-
-    Text formats may be gzip/bz2/xz-compressed (``stsbenchmark.tsv.gz``). A file holding several
-    splits in a ``split`` column (sentence-transformers' stsbenchmark.tsv.gz) is read as
-    ``FILE::SPLIT`` (``stsbenchmark.tsv.gz::test``); without the suffix it is refused, not mixed.
-    Blank lines are skipped; a malformed line, a missing column or a non-numeric score raises
-    ``UserError`` naming the file (and line).
-    """
-    name, _, split = str(path).partition("::")
-    path = Path(name)
-    suffix = file_format(path)[0]
-    if suffix == ".parquet":
-        rows, where = _parquet_rows(path), "row"
-    elif suffix in (".jsonl", ".json"):
-        rows, where = _json_rows(path)
-    else:
-        text = _read_text(path, "STS file").lstrip("\ufeff")
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        cols = first.split("\t")
-        if len(cols) >= 7 and (_is_number(cols[4]) or _key(cols[4]) == "score"):
-            if split:
-                raise UserError(
-                    f"{path}: '::{split}' selects a split, but STS-B's layout has no split column"
-                )
-            return _read_stsb(path, text)  # STS-B's own layout: the score is the 5th column
-        rows, where = _delimited_rows(path, text, "," if suffix == ".csv" and "\t" not in first else "\t")
-    return _pairs(path, _one_split(path, rows, split), where)
-
-
-def _one_split(path: Path, rows: list[tuple[int, dict]], split: str) -> list[tuple[int, dict]]:
-    """The rows of ``split`` when the file has a ``split`` column; all rows when it has none."""
-    column = next((k for k in (rows[0][1] if rows else {}) if _key(k) == "split"), None)
-    if column is None:
-        if split:
-            raise UserError(f"{path}: '::{split}' selects a split, but the file has no 'split' column")
-        return rows
-    values = sorted({str(r.get(column)) for _, r in rows})
-    if not split:
-        if len(values) == 1:
-            return rows
-        raise UserError(
-            f"{path}: holds several splits ({', '.join(values)}) in its {column!r} column; "
-            f"name one as {path}::{values[-1] if 'test' not in values else 'test'}"
-        )
-    chosen = [(n, r) for n, r in rows if str(r.get(column)) == split]
-    if not chosen:
-        raise UserError(f"{path}: no rows of split {split!r} (splits: {', '.join(values)})")
-    return chosen
-
-
-def _read_stsb(path: Path, text: str) -> tuple[list[str], list[str], np.ndarray]:
-    s1: list[str] = []
-    s2: list[str] = []
-    scores: list[float] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        cols = line.split("\t")
-        if len(cols) < 7:
-            raise UserError(
-                f"{path}:{lineno}: expected at least 7 tab-separated columns (genre, file, year, id, score, "
-                f"sentence 1, sentence 2); got {len(cols)}"
-            )
-        try:
-            score = float(cols[4])
-        except ValueError:
-            if not scores and cols[4].strip().lower() == "score":
-                continue
-            raise UserError(f"{path}:{lineno}: the score column (5th) is not a number: {cols[4]!r}") from None
-        if not math.isfinite(score):
-            raise UserError(f"{path}:{lineno}: the score column (5th) is not finite: {cols[4]!r}")
-        s1.append(cols[5])
-        s2.append(cols[6])
-        scores.append(score)
-    return _checked(path, s1, s2, scores)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _key(name: str) -> str:
-    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
-
-
-def _header_index(names: list[str]) -> dict[str, str] | None:
-    """``{role: column name}`` when ``names`` holds a column for each of the three roles, else None."""
-    keys = {_key(n): n for n in names}
-    found = {}
-    for role, aliases in STS_COLUMNS.items():
-        match = next((keys[a] for a in aliases if a in keys), None)
-        if match is None:
-            return None
-        found[role] = match
-    return found
-
-
-def _delimited_rows(path: Path, text: str, delimiter: str) -> tuple[list[tuple[int, dict]], str]:
-    import csv
-
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    lines = text.splitlines()
-    # TSV is split on tabs (STS texts hold stray quotes) unless it shows csv quoting (pandas output)
-    quoted = delimiter == "," or csv_quoted(iter(lines), delimiter)
-    reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
-    rows: list[tuple[int, dict]] = []
-    header: list[str] | None = None
-    while True:
-        try:
-            cols = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num}: cannot parse the line ({exc})") from None
-        lineno = reader.line_num  # the physical line (a quoted field may span several)
-        if not any(c.strip() for c in cols):
-            continue
-        if header is None:
-            header = cols
-            if _header_index(header) is None:
-                raise UserError(
-                    f"{path}:{lineno}: no header naming the sentence and score columns "
-                    f"(e.g. sentence1, sentence2, score; got {', '.join(repr(c) for c in header[:8])}), "
-                    f"and not STS-B's 7 tab-separated columns"
-                )
-            continue
-        if len(cols) != len(header):
-            sep = "tab" if delimiter == "\t" else "comma"
-            raise UserError(
-                f"{path}:{lineno}: {len(cols)} {sep}-separated columns, the header has {len(header)}"
-            )
-        rows.append((lineno, dict(zip(header, cols))))
-    return rows, "line"
-
-
-def _json_rows(path: Path) -> tuple[list[tuple[int, dict]], str]:
-    text = _read_text(path, "STS file").lstrip("\ufeff")
-    if file_format(path)[0] == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
-        rows, where = list(enumerate(data if isinstance(data, list) else [data], 1)), "row"
-    else:
-        where = "line"
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except ValueError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    for lineno, row in rows:
-        if not isinstance(row, dict):
-            loc = f"{path}:{lineno}" if where == "line" else f"{path}: row {lineno}"
-            raise UserError(f"{loc}: expected a JSON object with sentence and score fields")
-    return rows, where
-
-
-def _parquet_rows(path: Path) -> list[tuple[int, dict]]:
-    try:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: STS file not found") from None
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise UserError(f"{path}: cannot read as Parquet ({exc})") from None
-    return list(enumerate(table.to_pylist(), 1))
-
-
-def _pairs(path: Path, rows: list[tuple[int, dict]], where: str) -> tuple[list[str], list[str], np.ndarray]:
-    """Sentence pairs and scores from ``(line or row number, {column: value})`` records."""
-    if not rows:
-        raise UserError(f"{path}: no sentence pairs (an empty file, or a header without rows)")
-    names = list(rows[0][1])
-    index = _header_index(names)
-    if index is None:
-        wanted = "; ".join(f"{role}: one of {', '.join(a[:4])}..." for role, a in STS_COLUMNS.items())
-        raise UserError(
-            f"{path}: needs sentence and score columns ({wanted}); found {', '.join(map(str, names))}"
-        )
-    s1: list[str] = []
-    s2: list[str] = []
-    scores: list[float] = []
-    for lineno, row in rows:
-        loc = f"{path}:{lineno}" if where == "line" else f"{path}: row {lineno}"
-        a, b, raw = (row.get(index[r]) for r in ("sentence 1", "sentence 2", "score"))
-        if not isinstance(a, str) or not isinstance(b, str):
-            raise UserError(f"{loc}: the sentences must be text")
-        try:
-            score = float(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"{loc}: {index['score']!r} is not a number: {raw!r}") from None
-        if not math.isfinite(score):
-            raise UserError(f"{loc}: {index['score']!r} is not finite: {raw!r}")
-        s1.append(a)
-        s2.append(b)
-        scores.append(score)
-    return _checked(path, s1, s2, scores)
-
-
-def _checked(path: Path, s1: list[str], s2: list[str], scores: list[float]):
-    if len(scores) < 2:
-        raise UserError(f"{path}: needs at least 2 sentence pairs; found {len(scores)}")
-    if len(set(scores)) < 2:
-        raise UserError(f"{path}: every gold score is the same ({scores[0]}): Spearman is undefined")
-    return s1, s2, np.asarray(scores, dtype=np.float64)
-
-
-@dataclasses.dataclass
-class BeirSet:
-    """A BEIR retrieval set: corpus, the queries that have relevant documents, graded relevance."""
-
-    doc_ids: list[str]
-    doc_texts: list[str]
-    query_ids: list[str]
-    query_texts: list[str]
-    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}; only queries with a positive
-
-
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(_read_text(path, "file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object")
-        for f in fields:
-            if not isinstance(row.get(f), (str, int)) or (f == "_id" and str(row[f]) == ""):
-                raise UserError(f"{path}:{lineno}: missing or non-text field {f!r}")
-        rows.append(row)
-    return rows
-
-
-def _qrels_file(folder: Path, split: str) -> Path:
-    qdir = folder / "qrels"
-    if (qdir / f"{split}.tsv").is_file():
-        return qdir / f"{split}.tsv"
-    found = sorted(qdir.glob("*.tsv")) if qdir.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    names = ", ".join(p.name for p in found) or "none"
-    raise UserError(f"{folder}: BEIR folder needs qrels/{split}.tsv (found in qrels/: {names})")
-
-
-def read_beir(folder: str | Path, split: str = "test") -> BeirSet:
-    """Read a BEIR folder: ``corpus.jsonl`` ({_id, title, text}), ``queries.jsonl`` ({_id, text}) and
-    ``qrels/<split>.tsv`` (query-id, corpus-id, score; a header line). Documents are ``title + " " + text``.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: BEIR folder not found")
-    for name in ("corpus.jsonl", "queries.jsonl"):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder}: BEIR folder has no {name}")
-    qrels_path = _qrels_file(folder, split)
-    corpus = _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
-    queries = {str(r["_id"]): str(r["text"]) for r in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))}
-    qrels: dict[str, dict[str, int]] = {}
-    for lineno, line in enumerate(_read_text(qrels_path, "qrels file").splitlines(), 1):
-        if not line.strip():
-            continue
-        cols = line.rstrip("\n").split("\t")
-        if len(cols) < 3:
-            raise UserError(f"{qrels_path}:{lineno}: expected query-id, corpus-id, score (tab-separated)")
-        try:
-            rel = int(float(cols[2]))
-        except ValueError:
-            if lineno == 1:
-                continue  # the header line
-            raise UserError(f"{qrels_path}:{lineno}: score {cols[2]!r} is not a number") from None
-        qrels.setdefault(cols[0], {})[cols[1]] = rel
-    qrels = {q: docs for q, docs in qrels.items() if any(r > 0 for r in docs.values())}
-    missing = [q for q in qrels if q not in queries]
-    if missing:
-        raise UserError(
-            f"{qrels_path}: query id {missing[0]!r} is not in queries.jsonl ({len(missing)} missing)"
-        )
-    if not qrels or not corpus:
-        raise UserError(f"{folder}: no query with a relevant document, or an empty corpus")
-    titles = [str(r.get("title") or "").strip() for r in corpus]
-    texts = [(t + " " + str(r["text"])).strip() if t else str(r["text"]) for t, r in zip(titles, corpus)]
-    qids = sorted(qrels)
-    return BeirSet([str(r["_id"]) for r in corpus], texts, qids, [queries[q] for q in qids], qrels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +110,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return value if math.isfinite(value) else float("nan")
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def _l2_64(x: np.ndarray) -> np.ndarray:
+    return l2_normalize(np.asarray(x, dtype=np.float64))
 
 
 def fidelity_metrics(student: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -454,7 +122,7 @@ def fidelity_metrics(student: np.ndarray, target: np.ndarray) -> dict[str, float
     ``FIDELITY_PAIRS_ROWS``), i.e. whether the student orders text pairs like the teachers.
     ``fidelity/cosine``: mean cosine of each student row to its target row (only when d == T).
     """
-    s, t = _l2(student), _l2(target)
+    s, t = _l2_64(student), _l2_64(target)
     out = {}
     if s.shape[1] == t.shape[1]:
         out["fidelity/cosine"] = float(np.mean(np.sum(s * t, axis=1)))
@@ -489,7 +157,7 @@ def _encode(
         raise ValueError("prompts need a SentenceTransformer model")
     emb = model.encode(list(texts), batch_size=batch_size)
     emb = emb.detach().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb)
-    return _l2(emb).astype(np.float32)
+    return _l2_64(emb).astype(np.float32)
 
 
 def sts_spearman(model, path: str | Path, batch_size: int = 64, prompt_name: str | None = None) -> float:
@@ -562,8 +230,6 @@ def heldout_rows(valid: np.ndarray, data_cfg, seed: int) -> tuple[np.ndarray, bo
     Without a held-out split (``data.eval_fraction`` 0 and no ``data.eval_limit``) the last
     ``min(1000, n)`` valid rows are used instead; they were trained on, and the flag says so.
     """
-    from stella_distill.train import split_rows
-
     _, rows = split_rows(valid, data_cfg.eval_fraction, data_cfg.eval_limit, seed)
     if len(rows):
         return np.asarray(rows, dtype=np.int64), True
@@ -580,10 +246,6 @@ def fidelity_inputs(
     from ``cache_dir`` (default: the config's ``cache_dir``) and checked against the config and the
     corpus it names.
     """
-    from stella_distill.cache import build_target, open_caches
-    from stella_distill.config import ExperimentConfig, load_config
-    from stella_distill.data import load_corpus
-
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     if cache_dir is not None:
         cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
@@ -616,7 +278,7 @@ def _names(paths: list[str | Path]) -> list[str]:
     for p in paths:
         name, _, split = str(p).partition("::")
         path = Path(name)
-        fmt, compression = file_format(path)
+        fmt, compression = tables.file_format(path)
         cut = len(fmt or "") + len(compression or "")
         stem = path.name[: len(path.name) - cut] if cut and len(path.name) > cut else path.name
         stems.append(f"{stem}:{split}" if split else stem)
@@ -657,17 +319,9 @@ def format_table(dims: dict[int, dict[str, float]]) -> str:
 
 def _check_prompt_names(model_dir: Path, **names: str | None) -> None:
     """Every given prompt name must be one of the export's prompts (config_sentence_transformers.json)."""
-    wanted = {k: v for k, v in names.items() if v is not None}
-    if not wanted:
-        return
-    try:
-        prompts = (
-            json.loads((model_dir / "config_sentence_transformers.json").read_text()).get("prompts") or {}
-        )
-    except (OSError, ValueError):
-        prompts = {}
-    for what, name in wanted.items():
-        if name not in prompts:
+    prompts = read_layout(model_dir).prompts
+    for what, name in names.items():
+        if name is not None and name not in prompts:
             offered = ", ".join(sorted(prompts)) or "none"
             raise UserError(
                 f"--{what}-prompt-name / evaluate.{what}_prompt_name: {name!r} is not a prompt of {model_dir} "

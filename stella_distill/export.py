@@ -27,14 +27,20 @@ use their legacy keys, which serving stacks (TEI, vLLM) parse. The MRL part of t
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stella_distill.errors import UserError, write_failure  # noqa: F401 (public here too)
+import torch
+
+from stella_distill import card
+from stella_distill.errors import UserError, write_failure
+from stella_distill.hub import is_hub_id
+from stella_distill.run import Source, consolidate_state_dict, find_source
+from stella_distill.student import StudentModel
+from stella_distill.tables import read_json
 
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -44,11 +50,6 @@ LEGACY_TYPES = {
 }
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 INFO_FILE = "stella_distill.json"
-LOSS_PLOT = "loss_curve.png"
-DIM_PLOT = "metrics_by_dim.png"
-EVAL_FILE = "eval.json"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "trainer_state.json"
 # Sentences the export is checked on: the loaded folder must reproduce the student on them.
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -56,204 +57,14 @@ PROBE_TEXTS = [
     "a",
     "Rivers flow to the sea, and the sea gives back rain to the hills and the rivers again.",
 ]
-PAPER_BIBTEX = """@misc{zhang2025jasperstelladistillationsota,
-  title         = {Jasper and Stella: distillation of SOTA embedding models},
-  author        = {Dun Zhang and Jiacheng Li and Ziyang Zeng and Fulong Wang},
-  year          = {2025},
-  eprint        = {2412.19048},
-  archivePrefix = {arXiv},
-  primaryClass  = {cs.IR},
-  url           = {https://arxiv.org/abs/2412.19048},
-}"""
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding the weights of a run
+# Loading the student of a run
 
 
-@dataclass
-class Source:
-    """Where the weights to export come from."""
-
-    run_dir: Path | None  # run folder (config.yaml, metrics.jsonl, eval.json), if known
-    checkpoint: Path  # the folder that holds the weights (final/, checkpoints/<name>/ or a student folder)
-    student_dir: Path | None  # a StudentModel.save_pretrained folder, or None for a sharded/plain state
-    config: Any  # ExperimentConfig or None
-    step: int | None  # global optimizer step of the weights
-    label: str  # human-readable origin, for logs, the card and the commit message
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _is_student(path: Path) -> bool:
-    return (path / "student.json").is_file()
-
-
-def _checkpoint_step(ckpt: Path) -> int:
-    return int(_read_json(ckpt / STATE_FILE).get("global_step", -1))
-
-
-def _newest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = [
-        p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
-    ]
-    return max(found, key=_checkpoint_step) if found else None
-
-
-def _config_near(*folders: Path | None):
-    from stella_distill.config import load_config
-
-    for folder in folders:
-        if folder is not None and (folder / "config.yaml").is_file():
-            return load_config(folder / "config.yaml")
-    return None
-
-
-def find_source(path: str | Path) -> Source:
-    """Resolve what ``export`` reads from ``path``.
-
-    ``path`` may be a run folder (its ``final/student``, else the newest checkpoint by
-    ``trainer_state.json`` global step: that checkpoint's ``student/``, else its accelerate state,
-    sharded or not, which is consolidated), one checkpoint folder, ``final/``, or a student folder.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: run folder not found")
-    if _is_student(path) and path.name == "student" and (path.parent / STATE_FILE).is_file():
-        return find_source(path.parent)  # final/student or checkpoints/<name>/student: keep the run context
-    if _is_student(path):
-        return Source(
-            None, path, path, _config_near(path.parent, path.parent.parent), None, f"student {path}"
-        )
-    if (path / "final" / "student").is_dir():
-        ckpt, run_dir = path / "final", path
-    elif (path / "checkpoints").is_dir():
-        run_dir, ckpt = path, _newest_checkpoint(path)
-        if ckpt is None:
-            raise UserError(
-                f"{path}: the run has no final/student and no complete checkpoint under checkpoints/"
-            )
-    else:
-        ckpt = path
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        if not (run_dir / METRICS_FILE).is_file() and not (run_dir / "config.yaml").is_file():
-            run_dir = None
-    step = _checkpoint_step(ckpt) if (ckpt / STATE_FILE).is_file() else None
-    config = _config_near(ckpt, run_dir)
-    label = "final" if ckpt.name == "final" else f"checkpoint {ckpt.name}"
-    if step is not None:
-        label += f" (step {step})"
-    if _is_student(ckpt / "student"):
-        return Source(run_dir, ckpt, ckpt / "student", config, step, label)
-    if find_state_files(ckpt) is None:
-        raise UserError(
-            f"{ckpt}: no student/ folder and no model state (model.safetensors, pytorch_model_fsdp_0/, "
-            f"a DeepSpeed folder with *model_states.pt) to export"
-        )
-    return Source(run_dir, ckpt, None, config, step, label)
-
-
-# ---------------------------------------------------------------------------------------------
-# Consolidating accelerate states (plain, FSDP full / sharded, DeepSpeed ZeRO)
-
-
-def find_state_files(ckpt: Path) -> tuple[str, Path] | None:
-    """``(kind, path)`` of the model state an accelerate checkpoint holds, or None.
-
-    kinds: ``safetensors`` / ``torch`` (a full state dict file: plain, DDP or FSDP FULL_STATE_DICT),
-    ``dcp`` (FSDP SHARDED_STATE_DICT, torch.distributed.checkpoint folder), ``deepspeed`` (ZeRO).
-    """
-    for name in ("model.safetensors",):
-        if (ckpt / name).is_file():
-            return "safetensors", ckpt / name
-    for name in ("pytorch_model.bin", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0.bin"):
-        if (ckpt / name).is_file():
-            return "torch", ckpt / name
-    if (ckpt / ".metadata").is_file():
-        return "dcp", ckpt
-    for sub in sorted(ckpt.glob("pytorch_model_fsdp_*")):
-        if (sub / ".metadata").is_file():
-            return "dcp", sub
-    for sub in sorted(p for p in ckpt.iterdir() if p.is_dir()):
-        if any(sub.glob("*model_states.pt")):
-            return "deepspeed", sub
-    return None
-
-
-def _clean_keys(state: dict) -> dict:
-    # accelerate nests a DCP model state as {"model": {...}}; wrappers add prefixes to every name.
-    if len(state) == 1 and isinstance(next(iter(state.values())), dict):
-        state = next(iter(state.values()))
-    out = {}
-    for key, value in state.items():
-        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-            key = key.replace(wrapper, "")
-        if key.startswith("module."):
-            key = key[len("module.") :]
-        out[key] = value
-    return out
-
-
-def consolidate_state_dict(ckpt: str | Path) -> dict:
-    """The full (gathered) model state dict stored in an accelerate checkpoint folder.
-
-    FSDP ``SHARDED_STATE_DICT`` checkpoints are read with ``torch.distributed.checkpoint`` in this
-    one process (no process group needed); DeepSpeed ZeRO checkpoints with deepspeed's
-    ``zero_to_fp32`` (fp32 master weights), which needs ``deepspeed`` importable.
-    """
-    import torch
-
-    ckpt = Path(ckpt)
-    found = find_state_files(ckpt)
-    if found is None:
-        raise UserError(f"{ckpt}: no model state found to consolidate")
-    kind, where = found
-    if kind == "safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(where))
-    elif kind == "torch":
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    elif kind == "dcp":
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory(prefix="stella-distill-dcp-") as tmp:
-            merged = Path(tmp) / "merged.pt"
-            try:
-                dcp_to_torch_save(str(where), str(merged))
-            except Exception as exc:  # torch raises CheckpointException and friends for broken folders
-                raise UserError(f"{where}: cannot read the sharded (DCP) checkpoint: {exc}") from None
-            state = torch.load(merged, map_location="cpu", weights_only=True)
-    else:
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        except ImportError:
-            raise UserError(
-                f"{where}: a DeepSpeed ZeRO checkpoint; consolidating it needs deepspeed "
-                f"(pip install deepspeed), or export a checkpoint that has a student/ folder"
-            ) from None
-        state = get_fp32_state_dict_from_zero_checkpoint(str(where.parent), tag=where.name)
-    return _clean_keys(dict(state))
-
-
-def load_student(source: Source):
+def load_student(source: Source) -> StudentModel:
     """The ``StudentModel`` of ``source``: loaded from its folder or rebuilt from config + consolidated state."""
-    import torch
-
-    from stella_distill.student import StudentModel
-
     if source.student_dir is not None:
         return StudentModel.from_pretrained(source.student_dir)
     cfg = source.config
@@ -336,7 +147,6 @@ def _pooling_config(hidden: int, pooling: str) -> dict:
 
 
 def _versions() -> dict:
-    import torch
     import transformers
 
     try:
@@ -475,29 +285,41 @@ def _write_export(student, out: Path, default_dim: int, prompts: dict, default_p
 
 @dataclass
 class Layout:
-    """What an exported folder offers."""
+    """What an exported folder offers: its output dims, prompts, pooling and length."""
 
     mode: str  # heads | truncate | none
     dims: list[int]  # offered dims, largest first
     default_dim: int
     full_dim: int
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    pooling: str = "mean"
+    max_length: int | None = None
+    source: str | None = None  # the run or checkpoint it was exported from (stella_distill.json)
+
+
+def _read_object(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
 def read_layout(path: str | Path) -> Layout:
-    """Read the output dims of a sentence-transformers folder: ours, one with several ``2_Dense_{d}``
-    heads (like the released Stella models), or any plain one (a single dim, from its Dense or Pooling)."""
+    """Read what a sentence-transformers folder offers: ours, one with several ``2_Dense_{d}`` heads
+    (like the released Stella models), or any plain one (a single dim, from its Dense or Pooling)."""
     path = Path(path)
     modules_file = path / "modules.json"
-    modules = _read_json(modules_file)
+    modules = read_json(modules_file)
     st_file = path / "config_sentence_transformers.json"
-    st_cfg = _read_json(st_file) if st_file.is_file() else {}
-    info = _read_json(path / INFO_FILE) if (path / INFO_FILE).is_file() else {}
+    st_cfg = _read_object(st_file) if st_file.is_file() else {}
+    info = _read_object(path / INFO_FILE) if (path / INFO_FILE).is_file() else {}
     dense = [m for m in modules if str(m.get("type", "")).endswith("Dense")]
     pooling = [m for m in modules if str(m.get("type", "")).endswith("Pooling")]
     if dense:
-        out_dim = int(_read_json(path / dense[-1]["path"] / "config.json")["out_features"])
+        out_dim = int(_read_object(path / dense[-1]["path"] / "config.json")["out_features"])
     elif pooling:
-        pool_cfg = _read_json(path / pooling[0]["path"] / "config.json")
+        pool_cfg = _read_object(path / pooling[0]["path"] / "config.json")
         out_dim = int(pool_cfg.get("word_embedding_dimension") or pool_cfg.get("embedding_dimension") or 0)
     else:
         out_dim = 0
@@ -510,10 +332,47 @@ def read_layout(path: str | Path) -> Layout:
     truncate_dim = st_cfg.get("truncate_dim")
     mode = info.get("mrl_mode") or ("heads" if len(heads) > 1 else "truncate" if truncate_dim else "none")
     full = int(info.get("full_dim") or (max(heads) if mode == "heads" else out_dim))
+    described = {
+        "prompts": st_cfg.get("prompts") or {},
+        "default_prompt_name": st_cfg.get("default_prompt_name"),
+        "pooling": info.get("pooling", "mean"),
+        "max_length": info.get("max_length"),
+        "source": info.get("source"),
+    }
     if mode == "heads":
-        return Layout(mode, heads, out_dim, full)
+        return Layout(mode, heads, out_dim, full, **described)
     dims = sorted({int(d) for d in info.get("dims", [])} | {full}, reverse=True)
-    return Layout(mode, dims, int(truncate_dim) if truncate_dim else full, full)
+    return Layout(mode, dims, int(truncate_dim) if truncate_dim else full, full, **described)
+
+
+def write_card(
+    folder: str | Path,
+    *,
+    cfg=None,
+    run_dir: str | Path | None = None,
+    repo_id: str | None = None,
+    source: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write the model card (``README.md`` and its plots) of an export folder.
+
+    Metrics come from ``run_dir/metrics.jsonl`` and the first ``eval.json`` found in ``folder`` or
+    ``run_dir``: call it again after ``evaluate`` to put the evaluation into the card.
+    """
+    folder = Path(folder)
+    data = card.collect(
+        folder,
+        read_layout(folder),
+        cfg=cfg,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+        repo_id=repo_id,
+        source=source,
+        license=license,
+    )
+    try:
+        return card.write_model_card(folder, data)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write the model card ({write_failure(exc)})") from None
 
 
 def _local_folder(path: str | Path, revision: str | None = None) -> Path:
@@ -572,8 +431,6 @@ def verify_export(
     Returns ``{dim: min cosine}``. A mismatch is a bug in the export, not a user mistake: it raises
     ``RuntimeError``.
     """
-    import torch
-
     layout = read_layout(out)
     model = load(out, dim=layout.dims[0], device="cpu")
     worst = {}
@@ -590,450 +447,6 @@ def verify_export(
                 f"(shape {tuple(got.shape)}, min cosine {worst[d]:.6f})"
             )
     return worst
-
-
-# ---------------------------------------------------------------------------------------------
-# Run records: metrics.jsonl and eval.json
-
-
-def read_metrics(run_dir: str | Path | None) -> list[dict]:
-    """Rows of ``run_dir/metrics.jsonl`` (a torn last line of a killed run is skipped)."""
-    if run_dir is None or not (Path(run_dir) / METRICS_FILE).is_file():
-        return []
-    rows = []
-    for line in (Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def last_eval_row(rows: list[dict]) -> dict:
-    """The ``eval/...`` values of the last row that has any (the end of the last evaluated stage)."""
-    for row in reversed(rows):
-        values = {k: v for k, v in row.items() if k.startswith("eval/")}
-        if values:
-            return {"step": row.get("step"), "stage": row.get("stage"), **values}
-    return {}
-
-
-def find_eval(*folders: Path | None) -> dict | None:
-    """The first ``eval.json`` found in ``folders``."""
-    for folder in folders:
-        if folder is not None and (Path(folder) / EVAL_FILE).is_file():
-            return _read_json(Path(folder) / EVAL_FILE)
-    return None
-
-
-def plot_loss_curve(rows: list[dict], path: str | Path) -> Path | None:
-    """Total loss (log scale) against the global step, one colour per stage; None without loss rows."""
-    # A resumed run logs some steps twice; the last record of a step wins.
-    by_step = {
-        r["step"]: r
-        for r in rows
-        if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)
-    }
-    points = [by_step[s] for s in sorted(by_step)]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
-    stages: dict[str, list[dict]] = {}
-    for r in points:
-        stages.setdefault(str(r.get("stage", "")), []).append(r)
-    for name, rs in stages.items():
-        ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label=name or None, linewidth=1.2)
-    if all(r["loss"] > 0 for r in points):
-        ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("total loss")
-    ax.set_title("training loss")
-    if len(stages) > 1 or next(iter(stages)):
-        ax.legend(title="stage", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_metrics_by_dim(result: dict, path: str | Path) -> Path | None:
-    """One panel per metric of an ``eval.json`` result, metric against output dim; None without metrics."""
-    by_dim = {int(d): m for d, m in (result.get("dims") or {}).items()}
-    names = sorted({k for m in by_dim.values() for k, v in m.items() if isinstance(v, (int, float))})
-    if not names:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False)
-    dims = sorted(by_dim)
-    for ax, name in zip(axes.flat, names):
-        xs = [d for d in dims if isinstance(by_dim[d].get(name), (int, float))]
-        ax.plot(xs, [by_dim[d][name] for d in xs], marker="o")
-        if len(xs) > 1 and min(xs) > 0:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(d) for d in xs])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("dim")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model card
-
-
-def _is_hub_id(name: str | None) -> bool:
-    if not name or Path(name).exists() or name.count("/") != 1 or Path(name).suffix:
-        return False
-    return all(part and not part.startswith(".") for part in name.split("/"))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
-    return "" if value is None else str(value)
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "\\n")
-
-
-def _yaml_header(cfg, license: str | None) -> str:
-    import yaml
-
-    meta: dict[str, Any] = {
-        "library_name": "sentence-transformers",
-        "pipeline_tag": "sentence-similarity",
-        "tags": [
-            "sentence-transformers",
-            "sentence-similarity",
-            "feature-extraction",
-            "embeddings",
-            "distillation",
-            "matryoshka",
-            "stella-distill",
-        ],
-    }
-    if cfg is not None and cfg.student is not None and _is_hub_id(cfg.student.model):
-        meta["base_model"] = cfg.student.model
-    datasets = [s.path for s in cfg.data.train if _is_hub_id(s.path)] if cfg is not None else []
-    if datasets:
-        meta["datasets"] = datasets
-    if license:
-        meta["license"] = license
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
-
-
-def _stages_table(cfg, rows: list[dict]) -> list[str]:
-    world = next((r["world_size"] for r in reversed(rows) if isinstance(r.get("world_size"), int)), None)
-    last_step: dict[int, int] = {}
-    last_loss: dict[int, float] = {}
-    for r in rows:
-        i = r.get("stage_index")
-        if isinstance(i, int) and isinstance(r.get("step"), int):
-            last_step[i] = max(last_step.get(i, 0), r["step"])
-            if isinstance(r.get("loss"), (int, float)):
-                last_loss[i] = r["loss"]
-    lines = [
-        "| stage | trainable | steps | lr | batch | loss weights (cos / sim / rel) | MRL heads (sim / rel) "
-        "| last logged step | last loss |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, s in enumerate(cfg.stages):
-        trainable = f"last {s.last_layers} layers + head" if s.trainable == "last_layers" else s.trainable
-        steps = str(s.steps) if s.steps is not None else f"{s.epochs} epochs"
-        batch = f"{s.batch_size}" + (f" x {s.grad_accumulation} accum" if s.grad_accumulation > 1 else "")
-        if world:
-            batch += f" x {world} proc = {s.batch_size * s.grad_accumulation * world}"
-        w = s.loss_weights
-        mrl = (
-            f"{s.mrl_loss_weights.similarity:g} / {s.mrl_loss_weights.relative_similarity:g}"
-            if s.mrl
-            else "-"
-        )
-        lines.append(
-            f"| {s.name} | {trainable} | {steps} | {s.lr:g} | {batch} | "
-            f"{w.cosine:g} / {w.similarity:g} / {w.relative_similarity:g} | {mrl} | "
-            f"{last_step.get(i, '')} | {_fmt(last_loss.get(i))} |"
-        )
-    return lines
-
-
-def _eval_table(result: dict) -> list[str]:
-    by_dim = {int(d): m for d, m in (result.get("dims") or {}).items()}
-    names = sorted({k for m in by_dim.values() for k in m})
-    if not names:
-        return []
-    lines = ["| dim | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for d in sorted(by_dim, reverse=True):
-        lines.append(f"| {d} | " + " | ".join(_fmt(by_dim[d].get(n)) for n in names) + " |")
-    return lines
-
-
-def _pooling_snippet(pooling: str) -> list[str]:
-    if pooling == "mean":
-        return [
-            "mask = batch['attention_mask'].unsqueeze(-1).to(hidden.dtype)",
-            "pooled = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling",
-        ]
-    if pooling == "cls":
-        return ["pooled = hidden[:, 0]  # CLS pooling"]
-    return [
-        "positions = torch.arange(batch['attention_mask'].shape[1])",
-        "last = (batch['attention_mask'] * positions).argmax(1)  # last real token, any padding side",
-        "pooled = hidden[torch.arange(hidden.shape[0]), last]  # last-token pooling",
-    ]
-
-
-def render_model_card(
-    folder: str | Path,
-    *,
-    cfg=None,
-    rows: list[dict] | None = None,
-    eval_result: dict | None = None,
-    repo_id: str | None = None,
-    source: str | None = None,
-    license: str | None = None,
-    plots: tuple[str, ...] = (),
-) -> str:
-    """The README.md text of an export (see ``write_model_card``)."""
-    folder = Path(folder)
-    layout = read_layout(folder)
-    info = _read_json(folder / INFO_FILE) if (folder / INFO_FILE).is_file() else {}
-    st_cfg = _read_json(folder / "config_sentence_transformers.json")
-    prompts: dict[str, str] = st_cfg.get("prompts") or {}
-    rows = rows or []
-    name = repo_id or (cfg.name if cfg is not None else folder.name)
-    model_ref = repo_id or str(folder)
-    pooling = info.get("pooling", "mean")
-    max_length = info.get("max_length")
-    other = [d for d in layout.dims if d != layout.default_dim]
-    path_line = f'path = snapshot_download("{repo_id}")' if repo_id else f"path = {str(folder)!r}"
-
-    out = [_yaml_header(cfg, license), f"# {name}", ""]
-    summary = (
-        "A text-embedding model distilled with stella-distill, which implements the Jasper/Stella recipe "
-        "([arXiv:2412.19048](https://arxiv.org/abs/2412.19048)): the student's pooled vectors are projected "
-        "to the teachers' concatenated target space and trained with cosine, similarity and "
-        "relative-similarity losses, stage by stage."
-    )
-    out += [summary, ""]
-    facts = [
-        (
-            "base model (student backbone)",
-            f"`{cfg.student.model}`" if cfg is not None and cfg.student else "-",
-        ),
-        ("pooling", pooling),
-        ("output dims", ", ".join(map(str, layout.dims)) + f" (default {layout.default_dim})"),
-        ("Matryoshka mode", layout.mode),
-        ("max sequence length", str(max_length) if max_length else "-"),
-        ("similarity", "cosine"),
-    ]
-    if cfg is not None and cfg.student is not None and cfg.student.keep_layers:
-        facts.append(("kept backbone layers", ", ".join(map(str, cfg.student.keep_layers))))
-    if source:
-        facts.append(("exported from", source))
-    out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
-
-    if cfg is not None:
-        out += [
-            "## Teachers",
-            "",
-            "| name | model | pooling | prompt | max length |",
-            "|---|---|---|---|---|",
-        ]
-        for t in cfg.teachers:
-            prompt = f"`{_md_escape(t.prompt)}`" if t.prompt else "(none)"
-            out.append(
-                f"| {t.name} | `{t.model}`{f' @ {t.revision}' if t.revision else ''} | {t.pooling}"
-                f"{f' + `{t.dense}`' if t.dense else ''} | {prompt} | "
-                f"{cfg.teacher_max_length(t)} |"
-            )
-        out += [
-            "",
-            "Target = concatenation of the L2-normalised teacher vectors, normalised again.",
-            "",
-            "## Training data",
-            "",
-        ]
-        for s in cfg.data.train:
-            extra = f" (split {s.split}{f', subset {s.subset}' if s.subset else ''}, field `{s.text_field}`"
-            extra += f", first {s.limit})" if s.limit else ")"
-            out.append(f"- `{s.path}`{extra}")
-        if cfg.data.limit:
-            out.append(f"- at most {cfg.data.limit} texts in all")
-        out += ["", "## Training stages", ""] + _stages_table(cfg, rows) + [""]
-
-    out += ["## Results", ""]
-    if eval_result:
-        table = _eval_table(eval_result)
-        if table:
-            out += (
-                ["Evaluation of this folder (`stella-distill evaluate`), per output dim:", ""] + table + [""]
-            )
-    final = last_eval_row(rows)
-    if final:
-        out += [
-            f"Teacher fidelity on held-out corpus rows at the end of training (stage {final.get('stage')}, "
-            f"step {final.get('step')}):",
-            "",
-            "| metric | value |",
-            "|---|---|",
-        ]
-        out += [f"| {k} | {_fmt(v)} |" for k, v in final.items() if k.startswith("eval/")] + [""]
-    if not eval_result and not final:
-        out += ["No evaluation was recorded for this export.", ""]
-    for plot in plots:
-        title = "training loss" if plot == LOSS_PLOT else "metrics by output dim"
-        out += [f"![{title}]({plot})", ""]
-
-    first_prompt = next(iter(prompts), None)
-    out += [
-        "## Usage",
-        "",
-        "### sentence-transformers",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-    ]
-    out += [f'model = SentenceTransformer("{model_ref}")']
-    if first_prompt:
-        out += [
-            f'queries = model.encode(["What is distillation?"], prompt_name="{first_prompt}")',
-            'documents = model.encode(["Distillation trains a small model to imitate a large one."])',
-            "print(model.similarity(queries, documents))",
-        ]
-    else:
-        out += [
-            'embeddings = model.encode(["What is distillation?", "A small model imitates a large one."])',
-            "print(model.similarity(embeddings, embeddings))",
-        ]
-    out += ["```", ""]
-    if prompts:
-        out += ["Prompts (`prompt_name=`):", ""]
-        out += [f"- `{k}`: `{_md_escape(v)}`" for k, v in prompts.items()]
-        if st_cfg.get("default_prompt_name"):
-            out.append(f"- default prompt: `{st_cfg['default_prompt_name']}`")
-        out.append("")
-    if other:
-        d = other[0]
-        out += [
-            f"### Another output dim ({', '.join(map(str, other))})",
-            "",
-            "```python",
-            "import stella_distill",
-            "",
-        ]
-        out += [f'model = stella_distill.load("{model_ref}", dim={d})', "```", ""]
-        if layout.mode == "truncate":
-            out += [
-                "Every prefix of the full vector is an embedding (Matryoshka truncation):",
-                "",
-                "```python",
-                f'model = SentenceTransformer("{model_ref}", truncate_dim={d})',
-                "```",
-                "",
-            ]
-        else:
-            out += [
-                f"Each dim has its own head (`2_Dense_{{dim}}`); `modules.json` selects {layout.default_dim}. "
-                "With sentence-transformers alone, swap the head in:",
-                "",
-                "```python",
-                *(["from huggingface_hub import snapshot_download"] if repo_id else []),
-                "from sentence_transformers import SentenceTransformer",
-                "from sentence_transformers.models import Dense",
-                "",
-                path_line,
-                "model = SentenceTransformer(path)",
-                f'model[2] = Dense.load(f"{{path}}/2_Dense_{d}")',
-                "```",
-                "",
-            ]
-    d = layout.default_dim
-    dense_dir = f"2_Dense_{d}" if layout.mode == "heads" else f"2_Dense_{layout.full_dim}"
-    out += ["### transformers only", "", "```python", "import torch", "import torch.nn.functional as F"]
-    out += ["from huggingface_hub import snapshot_download"] if repo_id else []
-    out += ["from safetensors.torch import load_file"]
-    out += ["from transformers import AutoModel, AutoTokenizer", ""]
-    out += [path_line]
-    out += [
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        "model = AutoModel.from_pretrained(path).eval()",
-    ]
-    out += [f'dense = load_file(f"{{path}}/{dense_dir}/model.safetensors")', ""]
-    out += ['texts = ["What is distillation?", "A small model imitates a large one."]']
-    out += [
-        f"batch = tokenizer(texts, padding=True, truncation=True, max_length={max_length or 512}, return_tensors='pt')",
-        "with torch.no_grad():",
-        "    hidden = model(**batch).last_hidden_state",
-    ]
-    out += _pooling_snippet(pooling)
-    out += ["embeddings = pooled @ dense['linear.weight'].T + dense['linear.bias']"]
-    if layout.mode == "truncate" and d != layout.full_dim:
-        out += [f"embeddings = embeddings[:, :{d}]  # Matryoshka prefix"]
-    out += ["embeddings = F.normalize(embeddings, dim=-1)", "```", ""]
-    out += ["## Citation", "", "```bibtex", PAPER_BIBTEX, "```", ""]
-    return "\n".join(out)
-
-
-def write_model_card(
-    folder: str | Path,
-    *,
-    cfg=None,
-    run_dir: str | Path | None = None,
-    repo_id: str | None = None,
-    source: str | None = None,
-    license: str | None = None,
-) -> Path:
-    """Write ``README.md``, ``loss_curve.png`` and ``metrics_by_dim.png`` into an export folder.
-
-    Metrics come from ``run_dir/metrics.jsonl`` (loss curve, last ``eval/...`` row) and from the first
-    ``eval.json`` found in ``folder`` or ``run_dir``. Call it again after ``evaluate`` to put the
-    evaluation into the card.
-    """
-    folder = Path(folder)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if source is None and (folder / INFO_FILE).is_file():
-        source = _read_json(folder / INFO_FILE).get("source")
-    rows = read_metrics(run_dir)
-    eval_result = find_eval(folder, run_dir)
-    plots = []
-    if plot_loss_curve(rows, folder / LOSS_PLOT):
-        plots.append(LOSS_PLOT)
-    if eval_result and plot_metrics_by_dim(eval_result, folder / DIM_PLOT):
-        plots.append(DIM_PLOT)
-    text = render_model_card(
-        folder,
-        cfg=cfg,
-        rows=rows,
-        eval_result=eval_result,
-        repo_id=repo_id,
-        source=source,
-        license=license,
-        plots=tuple(plots),
-    )
-    (folder / "README.md").write_text(text, encoding="utf-8")
-    return folder / "README.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,7 +471,7 @@ def push_to_hub(
     folder = Path(folder)
     if not (folder / "modules.json").is_file():
         raise UserError(f"{folder}: not an export folder (no modules.json); nothing to push")
-    if not _is_hub_id(repo_id):
+    if not is_hub_id(repo_id):
         raise UserError(f"--push-to-hub: {repo_id!r} is not a Hub repo id of the form org/name")
     api = HfApi(token=token)
     try:
@@ -1079,9 +492,6 @@ def push_to_hub(
     return url
 
 
-_push = push_to_hub  # export_run's keyword argument of the same name shadows the function
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
@@ -1090,7 +500,7 @@ def export_run(
     run_dir: str | Path,
     out: str | Path,
     dim: int | None = None,
-    push_to_hub: str | None = None,
+    repo_id: str | None = None,
     private: bool = False,
     *,
     verify: bool = True,
@@ -1101,20 +511,18 @@ def export_run(
 
     The default dim is ``dim`` (``--dim``), else the config's ``export.default_dim``, else the full
     dim. Prompts come from ``export.prompts``. With ``verify`` the folder is loaded back with
-    sentence-transformers and must reproduce the student at every dim. ``push_to_hub`` (else
-    ``export.push_to_hub``) uploads the folder; ``private`` or ``export.private`` makes a new repo private.
-    ``push=False`` never uploads (a pipeline that evaluates first, rewrites the card with
-    ``write_model_card`` and then calls ``push_to_hub`` itself); the card still names the repo.
+    sentence-transformers and must reproduce the student at every dim. ``repo_id`` (``--push-to-hub``,
+    else ``export.push_to_hub``) uploads the folder; ``private`` or ``export.private`` makes a new repo
+    private. ``push=False`` never uploads (a pipeline that evaluates first, rewrites the card with
+    ``write_card`` and then calls ``push_to_hub`` itself); the card still names the repo.
     """
-    import torch
-
     _check_out(Path(out))
     source = find_source(run_dir)
     cfg = source.config
     ex = cfg.export if cfg is not None else None
     student = load_student(source)
     default_dim = dim if dim is not None else (ex.default_dim if ex is not None else None)
-    repo_id = push_to_hub or (ex.push_to_hub if ex is not None else None)
+    repo_id = repo_id or (ex.push_to_hub if ex is not None else None)
     info = {"source": source.label, "step": source.step}
     if cfg is not None:
         info["run"] = cfg.name
@@ -1128,12 +536,7 @@ def export_run(
             info=info,
             default_dim_field="--dim" if dim is not None else "export.default_dim",
         )
-    try:
-        write_model_card(
-            out, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license
-        )
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the model card ({write_failure(exc)})") from None
+    write_card(out, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license)
     if verify:
         worst = verify_export(out, student)
         checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
@@ -1146,7 +549,7 @@ def export_run(
     )
     if repo_id and push:
         run_name = cfg.name if cfg is not None else Path(run_dir).name
-        _push(
+        push_to_hub(
             out,
             repo_id,
             private=private or bool(ex is not None and ex.private),

@@ -12,19 +12,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate import PartialState
 
+from stella_distill import run
 from stella_distill.config import ExperimentConfig, MRLConfig
 from stella_distill.distributed import leave_process_group
-
-
-def _final_matches(cfg: ExperimentConfig, run_dir: Path) -> bool:
-    from stella_distill.train import STATE_FILE, _compat
-
-    state_file = run_dir / "final" / STATE_FILE
-    if not state_file.is_file():
-        return False
-    state = json.loads(state_file.read_text())
-    return state.get("compat") == _compat(cfg) and state.get("stages") == len(cfg.stages)
+from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
+from stella_distill.export import export_run, push_to_hub, write_card
+from stella_distill.precompute import TeacherEncoder, run_precompute
+from stella_distill.student import StudentModel
+from stella_distill.train import train
 
 
 class _Lookup:
@@ -44,12 +42,6 @@ def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
 
     Every model encodes the unique sentences of all files once; scoring is `evaluate.sts_spearman`.
     """
-    import torch
-
-    from stella_distill.evaluate import read_sts, sts_spearman
-    from stella_distill.precompute import TeacherEncoder
-    from stella_distill.student import StudentModel
-
     texts = list(dict.fromkeys(t for path in sts_files for side in read_sts(path)[:2] for t in side))
     models: dict[str, np.ndarray] = {}
     torch.manual_seed(cfg.seed)
@@ -74,14 +66,9 @@ def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
 
 def run_all(cfg: ExperimentConfig) -> dict:
     """Run or resume the whole pipeline and print the report; returns the evaluation results."""
-    from stella_distill.evaluate import evaluate_model
-    from stella_distill.export import export_run, push_to_hub, write_model_card
-    from stella_distill.precompute import run_precompute
-    from stella_distill.train import train, writing
-
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir)
-    with writing(run_dir):
+    with run.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
 
@@ -90,13 +77,11 @@ def run_all(cfg: ExperimentConfig) -> dict:
     timings["precompute_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if _final_matches(cfg, run_dir):
-        print(f"run: training already complete ({run_dir / 'final'})")
+    if run.training_complete(cfg, run_dir):
+        print(f"run: training already complete ({run_dir / run.FINAL})")
     else:
         train(cfg)
     timings["train_s"] = time.perf_counter() - t
-    from accelerate import PartialState
-
     main_process = PartialState().is_main_process
     # under `accelerate launch`: export and evaluation run once, on the main process, which needs no
     # group for them; leave it together now rather than make the others wait at exit
@@ -105,15 +90,15 @@ def run_all(cfg: ExperimentConfig) -> dict:
         return {}
 
     sts = list(cfg.evaluate.sts)
-    baseline_file = run_dir / "baseline.json"
+    baseline_file = run_dir / run.BASELINE_FILE
     if cfg.evaluate.baseline and sts and not baseline_file.is_file():
         t = time.perf_counter()
         baseline_file.write_text(json.dumps(baseline_scores(cfg, sts), indent=2))
         timings["baseline_s"] = time.perf_counter() - t
 
-    export_dir = Path(cfg.export.out_dir or run_dir / "export")
-    eval_file = run_dir / "eval.json"
-    final = run_dir / "final" / "student" / "heads.safetensors"
+    export_dir = Path(cfg.export.out_dir or run_dir / run.EXPORT)
+    eval_file = run_dir / run.EVAL_FILE
+    final = run_dir / run.FINAL / run.STUDENT / "heads.safetensors"
     fresh = export_dir.is_dir() and (export_dir / "modules.json").is_file()
     fresh = fresh and (export_dir / "modules.json").stat().st_mtime >= final.stat().st_mtime
     fresh = fresh and eval_file.is_file()
@@ -132,19 +117,19 @@ def run_all(cfg: ExperimentConfig) -> dict:
         )  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - t
         # the model card shows the final metrics: write it again now that eval.json exists
-        write_model_card(export_dir, cfg=cfg, run_dir=run_dir, repo_id=cfg.export.push_to_hub)
+        write_card(export_dir, cfg=cfg, run_dir=run_dir, repo_id=cfg.export.push_to_hub)
         if cfg.export.push_to_hub:
             push_to_hub(export_dir, cfg.export.push_to_hub, private=cfg.export.private,
                         commit_message=f"stella-distill run {cfg.name}")  # fmt: skip
         timings["total_s"] = time.perf_counter() - t0
-        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+        (run_dir / run.TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
     print_report(run_dir)
     return results
 
 
 def print_report(run_dir: Path) -> None:
     """One table: STS per dim after training, against the start and the teachers."""
-    eval_file, base_file = run_dir / "eval.json", run_dir / "baseline.json"
+    eval_file, base_file = run_dir / run.EVAL_FILE, run_dir / run.BASELINE_FILE
     if not eval_file.is_file():
         return
     results = json.loads(eval_file.read_text())
@@ -156,7 +141,7 @@ def print_report(run_dir: Path) -> None:
     for name, scores in baseline.items():
         cells = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
         print(f"  before training, {name}: {cells}")
-    timings = run_dir / "timings.json"
+    timings = run_dir / run.TIMINGS_FILE
     if timings.is_file():
         t = json.loads(timings.read_text())
         print("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))

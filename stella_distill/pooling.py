@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stella_distill.errors import UserError, first_line
+from stella_distill.hub import dense_location, looks_local, offline_hint
 
 POOLINGS = ("cls", "mean", "last_token")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,31 +102,15 @@ def load_backbone(
         raise
 
 
-def _looks_local(name_or_path: str) -> bool:
-    """A path that cannot be a Hub model id (``org/name`` or ``name``)."""
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _offline_hint() -> str:
-    """What to add to a load error when the Hub is switched off."""
-    if not _offline():
-        return ""
-    return " (HF_HUB_OFFLINE is set: only local folders and the local Hub cache are used)"
-
-
 def _load(fn, name_or_path: str, *, field: str, **kwargs):
-    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         # from_pretrained would answer with a confusing "Repo id must be in the form ..." error
         raise UserError(f"{field}: {name_or_path}: no such model folder (Hub model ids look like org/name)")
     try:
         return fn(name_or_path, **kwargs)
     except OSError as exc:
         first = first_line(exc)
-        hint = _offline_hint()
+        hint = offline_hint()
         raise UserError(f"{field}: cannot load {name_or_path!r}: {first}{hint}") from None
     except ValueError as exc:
         text = " ".join(str(exc).split())
@@ -135,17 +119,6 @@ def _load(fn, name_or_path: str, *, field: str, **kwargs):
                 f"{field}: {name_or_path} needs trust_remote_code: true (it runs the model's own code)"
             ) from None
         raise UserError(f"{field}: cannot load {name_or_path!r}: {text[:300]}") from None
-
-
-def dense_location(model: str, dense: str) -> tuple[str, str]:
-    """Where the Dense module ``dense`` of ``model`` lives: ``(name_or_path, subfolder)``.
-
-    A ``dense`` that starts with ``/``, ``.`` or ``~`` is a folder of its own; anything else is a
-    subfolder of the model (a local folder or a Hub repository, as in ``2_Dense_8192``).
-    """
-    if dense.startswith(("/", ".", "~")):
-        return str(Path(dense).expanduser()), ""
-    return model, dense.strip("/")
 
 
 def dense_class() -> type:
@@ -172,7 +145,7 @@ def load_dense(
     local = Path(where).expanduser()
     if local.is_dir() and not (local / subfolder / "config.json").is_file():
         raise UserError(f"{field}: {local / subfolder}: no Dense module here (config.json missing)")
-    if _looks_local(where) and not local.is_dir():
+    if looks_local(where) and not local.is_dir():
         raise UserError(f"{field}: {where}: no such folder")
     try:
         module = Dense.load(
@@ -180,7 +153,7 @@ def load_dense(
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = first_line(exc)
-        hint = _offline_hint()
+        hint = offline_hint()
         raise UserError(
             f"{field}: cannot load the Dense module {dense!r} of {model!r}: {first[:300]}{hint}"
         ) from None

@@ -12,17 +12,15 @@ Uses data, pooling and cache; never the trainer.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stella_distill import cache as cache_lib
-from stella_distill.cache import CacheError, TeacherCache
+from stella_distill.cache import CacheBuild, CacheError, cache_folder
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.errors import UserError
@@ -237,27 +235,6 @@ def _on_main(state, fn: Callable[[], Any]) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def _cache_writes(label: str, folder: Path) -> Iterator[None]:
-    """Turn a failed cache write (disk full, read-only or missing folder) into one line naming the path.
-
-    Finished shards stay recorded and valid; a shard that failed half-way has no record, so a rerun
-    redoes it.
-    """
-    try:
-        yield
-    except OSError as exc:
-        try:
-            done = len(list((folder / cache_lib.SHARDS).glob("shard-*.json")))
-        except OSError:
-            done = 0
-        kept = f"the {done} finished shards are kept; " if done else ""
-        raise CacheError(
-            f"{label}: cannot write {exc.filename or folder}: {exc.strerror or exc}; {kept}"
-            f"free space or fix the folder, then rerun precompute to continue"
-        ) from None
-
-
 def _broadcast(objects: list[Any]) -> None:
     from accelerate.utils import broadcast_object_list
 
@@ -287,104 +264,6 @@ def run_precompute(cfg: ExperimentConfig) -> list[Path]:
     ]
 
 
-def _plan(cfg: ExperimentConfig, index: int, teacher: TeacherConfig, corpus: Corpus) -> dict:
-    """Rank 0: skip (complete and matching), resume (build.json matches) or start."""
-    folder = cache_lib.cache_folder(cfg, teacher)
-    label = f"cache/{teacher.name}"
-    max_length = cfg.teacher_max_length(teacher)
-    refuse = f"; precompute will not overwrite it: remove {folder} to rebuild it"
-    expected = cache_lib.expected_manifest_fields(teacher, max_length)
-    build = {
-        **expected,
-        "rows": len(corpus),
-        "corpus_fingerprint": corpus.fingerprint,
-        "shard_size": teacher.shard_size,
-    }
-    if (folder / cache_lib.MANIFEST).is_file():
-        try:
-            cache = TeacherCache(folder, verify=True)
-            cache.check(teacher=teacher, max_length=max_length, corpus=corpus, index=index)
-        except CacheError as exc:
-            raise CacheError(str(exc) if "remove" in str(exc) else f"{exc}{refuse}") from None
-        return {"action": "skip"}
-    old = cache_lib.read_build(folder)
-    if old is not None:
-        try:
-            cache_lib.compare_teacher(old, expected, label=label, index=index)
-            cache_lib.compare_corpus(
-                label, int(old["rows"]), old["corpus_fingerprint"], None, corpus.row_hashes
-            )
-        except CacheError as exc:
-            raise CacheError(f"{exc} (an unfinished build){refuse}") from None
-        if old.get("shard_size") != teacher.shard_size:
-            raise CacheError(
-                f"{label}: an unfinished build uses shard_size {old.get('shard_size')}, config says "
-                f"{teacher.shard_size} (teachers.{index}.shard_size); set it back to resume or remove {folder}"
-            )
-        return {"action": "encode", "build": build, "dim": int(old["dim"])}
-    if folder.exists() and any(
-        not p.name.startswith(".") and p.name != cache_lib.SHARDS for p in folder.iterdir()
-    ):
-        raise CacheError(
-            f"{label}: {folder} exists and is not a stella-distill cache; remove it or pick another cache_dir"
-        )
-    with _cache_writes(label, folder):  # an unwritable cache_dir fails before the teacher loads
-        folder.mkdir(parents=True, exist_ok=True)
-    return {"action": "encode", "build": build, "dim": None}
-
-
-def _prepare(folder: Path, plan: dict, dim: int, corpus: Corpus, label: str) -> list[int]:
-    """Rank 0: create the files if needed; return the shards still to encode."""
-    build = {**plan["build"], "dim": dim}
-    if plan["dim"] is not None and plan["dim"] != dim:
-        raise CacheError(f"{label}: an unfinished build has dim {plan['dim']}, the teacher gives {dim}")
-    with _cache_writes(label, folder):
-        cache_lib.remove_temp_files(folder)
-        if plan["dim"] is None or not (folder / cache_lib.ROW_HASHES).is_file():
-            cache_lib.start_build(folder, build, corpus.row_hashes)
-        else:
-            cache_lib.ensure_vectors_file(folder, build["rows"], dim)
-    bounds = cache_lib.shard_bounds(build["rows"], build["shard_size"])
-    return [i for i, (a, b) in enumerate(bounds) if cache_lib.read_shard_record(folder, i, a, b) is None]
-
-
-def _finish(
-    folder: Path, plan: dict, dim: int, commit: str | None, label: str, log: Callable[[str], Any]
-) -> dict:
-    """Rank 0: collect every shard record and write the manifest (``commit``: the Hub commit, if any)."""
-    build = {**plan["build"], "dim": dim}
-    bounds = cache_lib.shard_bounds(build["rows"], build["shard_size"])
-    records = [
-        cache_lib.read_shard_record(folder, i, a, b, check_bytes=False) for i, (a, b) in enumerate(bounds)
-    ]
-    missing = [i for i, r in enumerate(records) if r is None]
-    if missing:
-        raise RuntimeError(f"{label}: shards {missing[:10]} have no record after encoding")
-    with _cache_writes(label, folder):
-        manifest = cache_lib.write_manifest(folder, build, records, extra={"commit": commit})
-    invalid = manifest["invalid_rows"]
-    if invalid:
-        shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
-        log(
-            f"{label}: {len(invalid)} rows gave NaN/inf vectors (rows {shown}); stored as zeros and "
-            f"listed in manifest invalid_rows (valid_mask excludes them)"
-        )
-    return manifest
-
-
-def _encode_shard(
-    encoder: TeacherEncoder, folder: Path, index: int, start: int, texts: list[str], bar, label: str
-) -> None:
-    vectors = encoder.encode(texts, progress=bar.update if bar is not None else None)
-    with np.errstate(over="ignore", invalid="ignore"):
-        half = vectors.astype(np.float16)
-    # NaN/inf from the teacher, or values beyond float16's range: stored as zeros, listed invalid.
-    bad = ~np.isfinite(half).all(axis=1)
-    half[bad] = 0
-    with _cache_writes(label, folder):
-        cache_lib.write_shard(folder, index, start, half, (np.flatnonzero(bad) + start).tolist())
-
-
 def _precompute_teacher(
     cfg: ExperimentConfig,
     index: int,
@@ -393,21 +272,21 @@ def _precompute_teacher(
     state,
     log: Callable[[str], Any],
 ) -> Path:
-    folder = cache_lib.cache_folder(cfg, teacher)
-    label = f"cache/{teacher.name}"
-    plan = _on_main(state, lambda: _plan(cfg, index, teacher, corpus))
-    if plan["action"] == "skip":
+    folder = cache_folder(cfg, teacher)
+    max_length = cfg.teacher_max_length(teacher)
+    build = _on_main(
+        state, lambda: CacheBuild.plan(folder, teacher, index=index, max_length=max_length, corpus=corpus)
+    )
+    if build.skip:
         log(f"teacher {teacher.name}: cache at {folder} is complete and matches; nothing to do")
         return folder
     if state.device.type == "cpu" and teacher.dtype != "float32":
         log(f"teachers.{index}.dtype: {teacher.dtype} on CPU is slow; float32 is the CPU setting")
-    encoder = TeacherEncoder(
-        teacher, max_length=cfg.teacher_max_length(teacher), index=index, device=state.device, log=log
-    )
+    encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=log)
     dim = encoder.dim
     encoder.truncated = 0  # count corpus texts only, not the dim probe
-    todo = _on_main(state, lambda: _prepare(folder, plan, dim, corpus, label))
-    bounds = cache_lib.shard_bounds(len(corpus), teacher.shard_size)
+    todo = _on_main(state, lambda: build.start(dim, corpus.row_hashes))
+    bounds = build.bounds()
     mine = [i for i in todo if i % state.num_processes == state.process_index]
     bar = None
     if state.is_main_process and cfg.logging.progress:
@@ -420,13 +299,21 @@ def _precompute_teacher(
     started = time.perf_counter()
     for i in mine:
         start, stop = bounds[i]
-        _encode_shard(encoder, folder, i, start, corpus.texts[start:stop], bar, label)
+        vectors = encoder.encode(corpus.texts[start:stop], progress=bar.update if bar is not None else None)
+        build.write_shard(i, vectors)
     if bar is not None:
         bar.close()
     state.wait_for_everyone()
     seconds = time.perf_counter() - started
     commit = getattr(encoder.model.config, "_commit_hash", None)
-    manifest = _on_main(state, lambda: _finish(folder, plan, dim, commit, label, log))
+    manifest = _on_main(state, lambda: build.finish(commit))
+    invalid = manifest["invalid_rows"]
+    if invalid:
+        shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
+        log(
+            f"{build.label}: {len(invalid)} rows gave NaN/inf vectors (rows {shown}); stored as zeros and "
+            f"listed in manifest invalid_rows (valid_mask excludes them)"
+        )
     encoded = sum(bounds[i][1] - bounds[i][0] for i in todo)
     truncated = encoder.truncated
     if state.num_processes > 1:
@@ -442,7 +329,7 @@ def _precompute_teacher(
     log(
         f"teacher {teacher.name}: {manifest['rows']} rows, dim {dim}, {encoded / max(seconds, 1e-9):.1f} texts/s "
         f"({encoded} encoded now in {len(todo)} shards on {state.num_processes} process(es), "
-        f"{len(manifest['invalid_rows'])} invalid, {truncated} truncated at {encoder.max_length} tokens) -> {folder}"
+        f"{len(invalid)} invalid, {truncated} truncated at {encoder.max_length} tokens) -> {folder}"
     )
     del encoder
     if torch.cuda.is_available():

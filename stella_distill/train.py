@@ -12,26 +12,29 @@ in-batch losses are computed on the gathered global batch, which makes the two r
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import shutil
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stella_distill import losses
+from stella_distill import losses, run
 from stella_distill.cache import TeacherCache, build_target, open_caches
 from stella_distill.config import ExperimentConfig, StageConfig, dump_config
-from stella_distill.data import Corpus, load_corpus
-from stella_distill.errors import UserError, write_failure
+from stella_distill.data import Corpus, load_corpus, split_rows
+from stella_distill.distributed import (
+    check_precision,
+    check_sharding_setup,
+    deepspeed_stage_config,
+    gather_outputs,
+    make_accelerator,
+    shards_parameters,
+)
+from stella_distill.errors import UserError
+from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
-
-STATE_FILE = "trainer_state.json"
 
 
 class NonFiniteLossError(UserError):
@@ -40,19 +43,6 @@ class NonFiniteLossError(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Rows, batches and targets
-
-
-def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, seed: int):
-    """Split the valid row ids into (train_rows, eval_rows), seeded and independent of world size."""
-    rows = np.flatnonzero(valid)
-    n_eval = int(round(len(rows) * eval_fraction))
-    if eval_limit is not None:
-        n_eval = min(n_eval, eval_limit) if eval_fraction > 0 else eval_limit
-    n_eval = min(n_eval, max(len(rows) - 1, 0))
-    perm = np.random.default_rng(seed + 7919).permutation(len(rows))
-    eval_rows = np.sort(rows[perm[:n_eval]])
-    train_rows = np.sort(rows[perm[n_eval:]])
-    return train_rows, eval_rows
 
 
 def batch_order(
@@ -130,120 +120,16 @@ def distill_loss(
     return total, {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
 
 
-def gather_outputs(outputs: dict[int, torch.Tensor], accelerator, enabled: bool) -> dict[int, torch.Tensor]:
-    """All-gather student vectors across processes *with* gradient (each process keeps its own grads)."""
-    if not enabled or accelerator.num_processes == 1:
-        return outputs
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        # torch 2.1x marks it deprecated in favour of a private module; it is still the public,
-        # autograd-aware all_gather (sentence-transformers' gather_across_devices uses it too)
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-        return {d: torch.cat(all_gather(v.contiguous()), dim=0) for d, v in outputs.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-@dataclass
-class Position:
-    """Where the run stands: stage, optimizer steps done in it, run-wide step."""
-
-    stage_index: int = 0
-    stage_step: int = 0
-    global_step: int = 0
-    stage_complete: bool = False
-
-
-def _compat(cfg: ExperimentConfig) -> dict:
-    """What a checkpoint must share with the config to be resumed."""
-    return {
-        "model": cfg.fingerprint("student", "teachers", "seed"),
-        "data": cfg.fingerprint("data"),
-        "stages": [cfg.fingerprint_stage(i) for i in range(len(cfg.stages))],
-    }
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a folder without its state file is ignored)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
-    ]
-    return sorted(found, key=_checkpoint_step)
-
-
-def _checkpoint_step(ckpt: Path) -> int:
-    try:
-        return int(json.loads((ckpt / STATE_FILE).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(
-            f"{ckpt / STATE_FILE}: unreadable checkpoint state ({type(exc).__name__}: {exc}); "
-            f"delete that checkpoint folder to resume from an earlier one"
-        ) from None
-
-
-@contextlib.contextmanager
-def writing(path: Path, tmp: Path | None = None):
-    """Turn a failed write (disk full, read-only, not a folder) into a one-line UserError naming
-    ``path``; a half-written ``tmp`` folder is removed so it can never be taken as complete."""
-    try:
-        yield
-    except Exception as exc:
-        reason = write_failure(exc)
-        if reason is None:
-            raise
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            free = shutil.disk_usage(path.parent if not path.exists() else path).free / 2**20
-            space = f"; {free:.0f} MiB free there"
-        except OSError:
-            space = ""
-        raise UserError(f"{path}: cannot write ({reason}){space}; finished checkpoints are kept") from None
-
-
-def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
-    """Read a checkpoint's state and refuse it if it was made by an incompatible config."""
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({exc})") from None
-    want, have = _compat(cfg), state.get("compat", {})
-    if have.get("model") != want["model"]:
-        raise UserError(
-            f"{ckpt}: checkpoint was made with another student/teachers/seed config; "
-            f"use a new output_dir or set train.resume=null"
-        )
-    if have.get("data") != want["data"]:
-        raise UserError(
-            f"{ckpt}: checkpoint was made with another data config (data.*); use a new output_dir"
-        )
-    for i in range(state["stage_index"] + 1):  # every stage the checkpoint started must be unchanged
-        if (
-            i >= len(want["stages"])
-            or i >= len(have.get("stages", []))
-            or have["stages"][i] != want["stages"][i]
-        ):
-            raise UserError(
-                f"stages.{i}: differs from the checkpoint {ckpt} (the stage list changed after it was "
-                f"started); restore the stage or use a new output_dir"
-            )
-    return state
-
-
-def save_checkpoint(
-    accelerator, model, run_dir: Path, cfg: ExperimentConfig, pos: Position, keep: int
-) -> Path:
+def save_checkpoint(accelerator, model, cfg: ExperimentConfig, pos: Position) -> Path:
     """Accelerate state + unwrapped student + trainer state, written to a temp folder then renamed."""
-    root = run_dir / "checkpoints"
-    final = root / (f"step-{pos.global_step:08d}" + ("-end" if pos.stage_complete else ""))
-    tmp = final.with_name(final.name + ".tmp")
-    with writing(final, tmp):
+    run_dir = Path(cfg.output_dir)
+    final = run.checkpoint_dir(run_dir, pos)
+    tmp = run.temp_dir(final)
+    with run.writing(final, tmp):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -253,99 +139,16 @@ def save_checkpoint(
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             student = accelerator.unwrap_model(model)
-            student.save_pretrained(tmp / "student", state_dict=state_dict)
-            dump_config(cfg, tmp / "config.yaml")
-            state = {**pos.__dict__, "stage_name": cfg.stages[pos.stage_index].name, "compat": _compat(cfg)}
-            state["world_size"] = accelerator.num_processes
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            student.save_pretrained(tmp / run.STUDENT, state_dict=state_dict)
+            run.finish_checkpoint(tmp, final, cfg, pos, accelerator.num_processes)
     if accelerator.is_main_process:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            (old / STATE_FILE).unlink()  # first, so a half-deleted folder is never listed as complete
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.iterdir():  # *.tmp or half-pruned folders left by a killed run
-            if stale.is_dir() and stale != final and not (stale / STATE_FILE).is_file():
-                shutil.rmtree(stale, ignore_errors=True)
+        run.prune_checkpoints(run_dir, cfg.train.keep_checkpoints, final)
     accelerator.wait_for_everyone()
     return final
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging
-
-
-class MetricsLog:
-    """metrics.jsonl in the run folder (main process) and wandb when enabled."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, accelerator):
-        self.main = accelerator.is_main_process
-        self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
-        if (
-            not self.main
-            or cfg.logging.wandb.mode == "disabled"
-            or os.environ.get("WANDB_MODE") == "disabled"
-        ):
-            return
-        mode = cfg.logging.wandb.mode
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            try:
-                import wandb
-
-                logged_in = bool(wandb.api.api_key)
-            except Exception:
-                logged_in = False
-            if not logged_in:
-                print("wandb: no API key set; logging offline (sync later with `wandb sync`)")
-                mode = "offline"
-        import wandb
-
-        self.wandb = wandb.init(
-            project=cfg.logging.wandb.project,
-            entity=cfg.logging.wandb.entity,
-            name=cfg.name,
-            dir=str(run_dir),
-            mode=mode,
-            config=cfg.to_dict(),
-            resume="allow",
-        )
-
-    def log(self, row: dict) -> None:
-        if not self.main:
-            return
-        with writing(self.path), self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(
-                {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step")
-            )
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
-
-
-def make_accelerator():
-    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md)."""
-    from accelerate import Accelerator
-
-    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per
-    # process per optimizer step (it assumes per-process data shards); our batches are global.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
-    if plugin is not None and not plugin.zero3_init_flag:
-        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says;
-        # under ZeRO-3 every later from_pretrained would then build partitioned (empty) parameters,
-        # which the student, checkpoint resume and the rank-0-only export/evaluate cannot use.
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    return accelerator
 
 
 def _optimizer(model: StudentModel, stage: StageConfig, fused: bool) -> torch.optim.Optimizer:
@@ -375,12 +178,12 @@ def train(cfg: ExperimentConfig) -> Path:
         raise UserError("stages: no training stages configured")
     accelerator = make_accelerator()
     world = accelerator.num_processes
-    _check_sharding_setup(cfg, accelerator)
+    check_sharding_setup(cfg, accelerator)
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        with writing(run_dir):
+        with run.writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, run_dir / "config.yaml")
+            dump_config(cfg, run_dir / run.CONFIG_FILE)
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
     corpus: Corpus = load_corpus(cfg.data, log=print if accelerator.is_main_process else (lambda *a: None))
@@ -411,10 +214,10 @@ def train(cfg: ExperimentConfig) -> Path:
             raise UserError(
                 f"stages.{i}.last_layers: {stage.last_layers} must be between 1 and the student's {n_layers} layers"
             )
-    resume_from, pos = _resume_point(cfg, run_dir)
+    resume_from, pos = run.resume_point(cfg, run_dir)
     if resume_from is not None and pos.stage_complete:
-        model.load_state_dict(StudentModel.from_pretrained(resume_from / "student").state_dict())
-    log = MetricsLog(cfg, run_dir, accelerator)
+        model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
+    log = run.MetricsLog(cfg, run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         print(
             f"train: {len(train_rows)} training rows, {len(eval_rows)} held out, target dim {target_dim}, "
@@ -429,7 +232,7 @@ def train(cfg: ExperimentConfig) -> Path:
         resume_here = resume_from if (resume_from is not None and stage_index == pos.stage_index) else None
         start = pos.stage_step if resume_here is not None else 0
         if prepared:  # drop this function's reference to the last stage's wrapper (DDP buckets, engine)
-            sharded = _shards_parameters(accelerator)
+            sharded = shards_parameters(accelerator)
             model = _rebuilt_student(cfg, model, accelerator) if sharded else accelerator.unwrap_model(model)
         model, global_step = run_stage(
             cfg, stage_index, stage, model, accelerator, log, corpus, caches, train_rows, eval_rows, lengths,
@@ -443,43 +246,16 @@ def train(cfg: ExperimentConfig) -> Path:
     # (a collective: every process takes part) and save those.
     state_dict = accelerator.get_state_dict(model) if model is not student else None
     if accelerator.is_main_process:
-        final = run_dir / "final"
-        tmp = run_dir / "final.tmp"
-        with writing(final, tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-            student.save_pretrained(tmp / "student", state_dict=state_dict)
-            (tmp / STATE_FILE).write_text(
-                json.dumps(
-                    {"global_step": pos.global_step, "stages": len(cfg.stages), "compat": _compat(cfg)}
-                )
-            )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        print(f"train: done after {pos.global_step} steps; student at {final / 'student'}")
+        final = run.save_final(
+            run_dir,
+            cfg,
+            pos.global_step,
+            lambda folder: student.save_pretrained(folder, state_dict=state_dict),
+        )
+        print(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
     accelerator.wait_for_everyone()
     log.close()
     return run_dir
-
-
-def _resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Position]:
-    if cfg.train.resume is None:
-        return None, Position()
-    if cfg.train.resume == "auto":
-        found = list_checkpoints(run_dir)
-        if not found:
-            return None, Position()
-        ckpt = found[-1]
-    else:
-        ckpt = Path(cfg.train.resume)
-        if not (ckpt / STATE_FILE).is_file():
-            raise UserError(f"train.resume: {ckpt} is not a checkpoint folder (no {STATE_FILE})")
-    state = check_resumable(ckpt, cfg)
-    if state["stage_index"] >= len(cfg.stages):
-        raise UserError(
-            f"train.resume: {ckpt} is at stage {state['stage_index']} but the config has fewer stages"
-        )
-    pos = Position(state["stage_index"], state["stage_step"], state["global_step"], state["stage_complete"])
-    return ckpt, pos
 
 
 def run_stage(
@@ -509,9 +285,9 @@ def run_stage(
     optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
-    _check_precision(stage, stage_index, accelerator)
+    check_precision(stage, stage_index, accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
-        _deepspeed_stage_config(accelerator, stage)
+        deepspeed_stage_config(accelerator, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if resume_dir is not None and start_step > 0:
         try:
@@ -601,7 +377,7 @@ def run_stage(
             )
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
             pos = Position(stage_index, step, global_step, False)
-            save_checkpoint(accelerator, model, Path(cfg.output_dir), cfg, pos, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, model, cfg, pos)
     progress.close()
     log.log(
         evaluate_fidelity(
@@ -609,74 +385,8 @@ def run_stage(
         )
     )
     pos = Position(stage_index, step, global_step, True)
-    save_checkpoint(accelerator, model, Path(cfg.output_dir), cfg, pos, cfg.train.keep_checkpoints)
+    save_checkpoint(accelerator, model, cfg, pos)
     return model, global_step  # as prepared (DDP / DeepSpeed engine / FSDP): the next stage unwraps it
-
-
-def _check_sharding_setup(cfg: ExperimentConfig, accelerator) -> None:
-    """Refuse launcher settings under which a later stage would not start from rank 0's weights."""
-    kind = accelerator.distributed_type.value
-    if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero3_init_flag:
-        raise UserError(
-            "accelerate config zero3_init_flag: must be false: the student is built whole (pretrained "
-            "backbone plus new heads) and rebuilt between stages from gathered weights; DeepSpeed "
-            "partitions it when each stage starts"
-        )
-    if kind != "FSDP" or accelerator.num_processes < 2 or len(cfg.stages) < 2:
-        return
-    fsdp = accelerator.state.fsdp_plugin
-    if getattr(fsdp, "fsdp_version", 1) == 2:
-        # FSDP2 hands rank 0's weights to the others only with cpu-RAM-efficient loading
-        if not fsdp.cpu_ram_efficient_loading:
-            raise UserError(
-                "accelerate config fsdp_cpu_ram_efficient_loading: must be true with FSDP2 and several "
-                "processes: each stage after the first starts from the previous stage's weights, gathered on rank 0"
-            )
-    elif not fsdp.sync_module_states:
-        raise UserError(
-            "accelerate config fsdp_sync_module_states: must be true with several processes: each stage "
-            "after the first starts from the previous stage's weights, gathered on rank 0"
-        )
-
-
-def _deepspeed_stage_config(accelerator, stage: StageConfig) -> None:
-    """This stage's batch and clipping in the DeepSpeed config, before the engine is built.
-
-    accelerate fills DeepSpeed's "auto" batch fields from a DataLoader, which this trainer does not
-    pass (its batches are global and built by hand), and keeps whatever the first prepare wrote; the
-    engine clips gradients itself (``gradient_clipping``) and accelerate's default for it is 1.0.
-    """
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = stage.batch_size
-    config["gradient_accumulation_steps"] = 1  # more is refused above
-    config["train_batch_size"] = stage.batch_size * accelerator.num_processes
-    config["gradient_clipping"] = float(stage.max_grad_norm) if stage.max_grad_norm is not None else 0.0
-
-
-def _check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
-    """fp16 needs loss scaling, which only the launcher's mixed precision (accelerate) provides; a
-    launcher precision other than 'no' applies to every stage, whatever the stage says."""
-    launcher = accelerator.mixed_precision
-    if accelerator.device.type != "cuda" or stage.mixed_precision == launcher:
-        return
-    if launcher == "no" and stage.mixed_precision == "fp16":
-        raise UserError(
-            f"stages.{stage_index}.mixed_precision: fp16 needs loss scaling; use bf16, or launch with "
-            f"accelerate's mixed_precision fp16 (accelerate launch --mixed_precision fp16), which scales the loss"
-        )
-    if launcher != "no" and accelerator.is_main_process:
-        print(
-            f"stages.{stage_index}.mixed_precision: {stage.mixed_precision!r} is overridden by the launcher's "
-            f"{launcher!r} (accelerate config mixed_precision; set it to 'no' to let each stage choose)"
-        )
-
-
-def _shards_parameters(accelerator) -> bool:
-    """DeepSpeed ZeRO-3 and FSDP: the prepared model's own tensors are shards (or flat views)."""
-    kind = accelerator.distributed_type.value
-    if kind == "DEEPSPEED":
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return kind == "FSDP"
 
 
 def _rebuilt_student(cfg: ExperimentConfig, model, accelerator) -> StudentModel:

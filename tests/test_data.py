@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from stella_distill.config import DataConfig, SourceConfig, from_dict
-from stella_distill.data import Corpus, corpus_fingerprint, load_corpus, text_hashes
+from stella_distill.data import Corpus, load_corpus
 from stella_distill.errors import UserError
+from stella_distill.fingerprints import corpus_fingerprint, text_hashes
 
 
 def _corpus(*sources: dict, log=None, **data) -> Corpus:

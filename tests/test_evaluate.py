@@ -10,7 +10,7 @@ import torch
 from scipy.stats import spearmanr
 from tiny import TEXTS
 
-from stella_distill import evaluate, export
+from stella_distill import evalsets, evaluate, export
 from stella_distill.config import from_dict
 from stella_distill.errors import UserError
 from stella_distill.student import StudentModel
@@ -76,18 +76,18 @@ def st_dense(folder: Path, dim: int):
 def test_read_sts(tmp_path):
     path = tmp_path / "sts.csv"
     s1, s2, scores = write_sts(path)
-    got1, got2, got_scores = evaluate.read_sts(path)
+    got1, got2, got_scores = evalsets.read_sts(path)
     assert got1 == s1 and got2 == s2
     np.testing.assert_allclose(got_scores, scores)
     bad = tmp_path / "bad.csv"
     bad.write_text("a\tb\tc\td\t1.0\tx\ty\na\tb\tc\td\t2.0\tonly six columns\n")
     with pytest.raises(UserError, match=r"bad\.csv:2: expected at least 7 tab-separated columns"):
-        evaluate.read_sts(bad)
+        evalsets.read_sts(bad)
     bad.write_text("a\tb\tc\td\t1.0\tx\ty\na\tb\tc\td\tfive\tx\ty\n")
     with pytest.raises(UserError, match=r"bad\.csv:2: the score column"):
-        evaluate.read_sts(bad)
+        evalsets.read_sts(bad)
     with pytest.raises(UserError, match="not found"):
-        evaluate.read_sts(tmp_path / "missing.csv")
+        evalsets.read_sts(tmp_path / "missing.csv")
 
 
 PAIRS = [
@@ -142,7 +142,7 @@ def _write_formats(tmp_path: Path) -> dict[str, Path]:
 
 def test_read_sts_reads_the_common_formats_alike(tmp_path):
     for name, path in _write_formats(tmp_path).items():
-        s1, s2, scores = evaluate.read_sts(path)
+        s1, s2, scores = evalsets.read_sts(path)
         assert s1 == [a for a, _, _ in PAIRS] and s2 == [b for _, b, _ in PAIRS], name
         scale = 5 if name == "parquet" else 1
         np.testing.assert_allclose(scores * scale, [c for _, _, c in PAIRS], err_msg=name)
@@ -158,7 +158,7 @@ def test_read_sts_compressed_json_and_quoted_tsv(tmp_path):
             json.dumps([{"sentence1": a, "sentence2": b, "score": c} for a, b, c in PAIRS], indent=2).encode()
         )
     )
-    s1, _, scores = evaluate.read_sts(path)
+    s1, _, scores = evalsets.read_sts(path)
     assert s1 == [a for a, _, _ in PAIRS] and list(scores) == [c for _, _, c in PAIRS]
     quoted = tmp_path / "pandas.tsv"  # csv-quoted TSV, as pandas / the csv module write it
     with quoted.open("w", newline="") as f:
@@ -166,7 +166,7 @@ def test_read_sts_compressed_json_and_quoted_tsv(tmp_path):
         w.writerow(["sentence1", "sentence2", "score"])
         w.writerows(PAIRS)
     assert '""' in quoted.read_text()
-    assert evaluate.read_sts(quoted)[0] == [a for a, _, _ in PAIRS]
+    assert evalsets.read_sts(quoted)[0] == [a for a, _, _ in PAIRS]
 
 
 def test_read_sts_compressed_and_one_split_of_several(tmp_path):
@@ -178,23 +178,23 @@ def test_read_sts_compressed_and_one_split_of_several(tmp_path):
         rows += [f"{split}\tmain\tx\t2012\t{i}\t{c + shift}\t{a}\t{b}" for i, (a, b, c) in enumerate(PAIRS)]
     path = tmp_path / "stsbenchmark.tsv.gz"
     path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
-    s1, s2, scores = evaluate.read_sts(f"{path}::test")
+    s1, s2, scores = evalsets.read_sts(f"{path}::test")
     assert s1 == [a for a, _, _ in PAIRS] and s2 == [b for _, b, _ in PAIRS]
     np.testing.assert_allclose(scores, [c + 0.3 for _, _, c in PAIRS])
     with pytest.raises(
         UserError,
         match=r"holds several splits \(dev, test, train\) in its 'split' column; name one as .*::test",
     ):
-        evaluate.read_sts(path)
+        evalsets.read_sts(path)
     with pytest.raises(UserError, match=r"no rows of split 'validation' \(splits: dev, test, train\)"):
-        evaluate.read_sts(f"{path}::validation")
+        evalsets.read_sts(f"{path}::validation")
     with pytest.raises(UserError, match=r"has no 'split' column"):
-        evaluate.read_sts(f"{_write_formats(tmp_path)['tsv']}::test")
+        evalsets.read_sts(f"{_write_formats(tmp_path)['tsv']}::test")
     assert evaluate._names([f"{path}::test", "data/sts-dev.csv"]) == ["stsbenchmark:test", "sts-dev"]
     broken = tmp_path / "broken.csv.gz"
     broken.write_bytes(b"not gzip at all")
-    with pytest.raises(UserError, match=r"broken\.csv\.gz: cannot read STS file"):
-        evaluate.read_sts(broken)
+    with pytest.raises(UserError, match=r"broken\.csv\.gz: cannot decompress"):
+        evalsets.read_sts(broken)
 
 
 @pytest.mark.parametrize(
@@ -205,10 +205,10 @@ def test_read_sts_compressed_and_one_split_of_several(tmp_path):
         ("a.csv", "sentence1,sentence2,score\nx,y,1\n\"p\nq\",y,high\n", r"a\.csv:4: 'score' is not a number: 'high'"),
         ("a.csv", "sentence1,sentence2,score\nx,y,nan\nx,z,1\n", r"a\.csv:2: 'score' is not finite"),
         ("a.tsv", "sentence1\tsentence2\tscore\nx\ty\t1\nx\tz\t1\n", r"a\.tsv: every gold score is the same \(1\.0\)"),
-        ("a.jsonl", '{"sentence1": "x", "sentence2": "y", "score": 1}\n{"sentence1": "x"\n', r"a\.jsonl:2: not valid JSON"),
+        ("a.jsonl", '{"sentence1": "x", "sentence2": "y", "score": 1}\n{"sentence1": "x"\n', r"a\.jsonl:2: invalid JSON"),
         ("a.jsonl", '{"sentence1": "x", "sentence2": "y"}\n', r"a\.jsonl: needs sentence and score columns .*found sentence1, sentence2"),
         ("a.jsonl", '{"sentence1": "x", "sentence2": null, "score": 1}\n', r"a\.jsonl:1: the sentences must be text"),
-        ("a.json", '[{"s1": "x", "s2": "y", "score": 1}, 3]', r"a\.json: row 2: expected a JSON object"),
+        ("a.json", '[{"s1": "x", "s2": "y", "score": 1}, 3]', r"a\.json: item 1: expected a JSON object"),
         ("a.parquet", "not parquet", r"a\.parquet: cannot read as Parquet"),
         ("a.csv", "sentence1,sentence2,score\n", r"a\.csv: no sentence pairs \(an empty file, or a header without rows\)"),
         ("a.csv", 'sentence1,sentence2,score\nx,y,1\n"x,y,2\n', r"a\.csv:3: 1 comma-separated columns, the header has 3"),
@@ -218,7 +218,7 @@ def test_read_sts_errors_name_the_file_and_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(UserError, match=message):
-        evaluate.read_sts(path)
+        evalsets.read_sts(path)
 
 
 def test_sts_equals_direct_sentence_transformers(exported, tmp_path, capsys):
@@ -332,16 +332,16 @@ def test_beir_errors(tmp_path):
     write_beir(folder)
     (folder / "corpus.jsonl").rename(folder / "corpus.json")
     with pytest.raises(UserError, match="has no corpus.jsonl"):
-        evaluate.read_beir(folder)
+        evalsets.read_beir(folder)
     (folder / "corpus.json").rename(folder / "corpus.jsonl")
     with open(folder / "corpus.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(UserError, match=r"corpus\.jsonl:21: not valid JSON"):
-        evaluate.read_beir(folder)
+    with pytest.raises(UserError, match=r"corpus\.jsonl:21: invalid JSON"):
+        evalsets.read_beir(folder)
     with pytest.raises(UserError, match=r"qrels/dev\.tsv"):
         (folder / "qrels" / "test.tsv").rename(folder / "qrels" / "a.tsv")
         (folder / "qrels" / "b.tsv").write_text("")
-        evaluate.read_beir(folder, split="dev")
+        evalsets.read_beir(folder, split="dev")
 
 
 def test_fidelity_metrics_naive():

@@ -18,6 +18,7 @@ from stella_distill import export
 from stella_distill.config import from_dict
 from stella_distill.errors import UserError
 from stella_distill.pooling import with_prompt
+from stella_distill.run import find_source
 from stella_distill.student import StudentModel
 
 S2P = "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: "
@@ -323,7 +324,7 @@ def test_push_uploads_exactly_the_folder(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_SENTINEL_never_written")
     run = runs["heads"]
     out = export.export_run(
-        run["run"], tmp_path / "pushed", push_to_hub="someone/tiny-heads", private=True, verify=False
+        run["run"], tmp_path / "pushed", repo_id="someone/tiny-heads", private=True, verify=False
     )
     (_, token1, repo1, create_kw), (_, token2, repo2, folder, files, kw) = calls
     assert token1 is None and token2 is None  # left to huggingface_hub: HF_TOKEN or the login cache
@@ -360,7 +361,7 @@ def test_push_uploads_exactly_the_folder(runs, tmp_path, monkeypatch):
     assert 'snapshot_download("someone/tiny-heads")' in (out / "README.md").read_text()
     calls.clear()
     export.export_run(
-        run["run"], tmp_path / "not-pushed", push_to_hub="someone/tiny-heads", push=False, verify=False
+        run["run"], tmp_path / "not-pushed", repo_id="someone/tiny-heads", push=False, verify=False
     )
     assert calls == []
     with pytest.raises(UserError, match="org/name"):
@@ -406,9 +407,9 @@ def test_newest_checkpoint_by_global_step(runs, tmp_path):
         students[step] = build_student(from_dict(raw), seed=step)
         students[step].save_pretrained(run_dir / "checkpoints" / name / "student")
         (run_dir / "checkpoints" / name / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    source = export.find_source(run_dir)
+    source = find_source(run_dir)
     assert source.checkpoint.name == "aa-late" and source.step == 9
-    inner = export.find_source(run_dir / "checkpoints" / "zz-early" / "student")  # keeps the run context
+    inner = find_source(run_dir / "checkpoints" / "zz-early" / "student")  # keeps the run context
     assert inner.run_dir == run_dir and inner.step == 3 and inner.config is not None
     out = export.export_run(run_dir, tmp_path / "out", dim=8, verify=False)
     assert json.loads((out / "modules.json").read_text())[2]["path"] == "2_Dense_8"  # --dim wins

@@ -239,7 +239,7 @@ def test_sharded_runs_restart_each_stage_from_a_rebuilt_student_with_the_same_we
             calls.append(type(accelerator.unwrap_model(model)).__name__)
             return real(cfg_, model, accelerator)
 
-        monkeypatch.setattr(train_mod, "_shards_parameters", lambda accelerator, s=sharded: s)
+        monkeypatch.setattr(train_mod, "shards_parameters", lambda accelerator, s=sharded: s)
         monkeypatch.setattr(train_mod, "_rebuilt_student", counting)
         assert main(["precompute", str(write_config(tmp_path / name, cfg))]) == 0
         train_mod.train(from_dict(cfg))
@@ -320,8 +320,9 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, models):
 
 def test_gradcache_matches_plain_step(tmp_path, models):
     """embedding_chunk_size gives the same gradient as the unchunked step."""
+    from stella_distill.distributed import make_accelerator
     from stella_distill.student import StudentModel
-    from stella_distill.train import _backward, make_accelerator
+    from stella_distill.train import _backward
 
     cfg = from_dict(base_config(tmp_path, models))
     stage = cfg.stages[2]
@@ -389,17 +390,17 @@ def test_each_stage_writes_its_batch_and_clipping_into_the_deepspeed_config():
     from types import SimpleNamespace
 
     from stella_distill.config import StageConfig
-    from stella_distill.train import _deepspeed_stage_config
+    from stella_distill.distributed import deepspeed_stage_config
 
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
               "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
     acc = SimpleNamespace(
         num_processes=8, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
     )
-    _deepspeed_stage_config(acc, StageConfig(name="a", batch_size=16, max_grad_norm=0.5))
+    deepspeed_stage_config(acc, StageConfig(name="a", batch_size=16, max_grad_norm=0.5))
     assert config == {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "train_batch_size": 128,
                       "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}  # fmt: skip
-    _deepspeed_stage_config(acc, StageConfig(name="b", batch_size=4, max_grad_norm=None))
+    deepspeed_stage_config(acc, StageConfig(name="b", batch_size=4, max_grad_norm=None))
     assert (
         config["train_micro_batch_size_per_gpu"],
         config["train_batch_size"],
@@ -411,26 +412,26 @@ def test_stage_precision_against_the_launchers(capsys):
     from types import SimpleNamespace
 
     from stella_distill.config import StageConfig
+    from stella_distill.distributed import check_precision
     from stella_distill.errors import UserError
-    from stella_distill.train import _check_precision
 
     def acc(launcher: str, device: str = "cuda"):
         return SimpleNamespace(mixed_precision=launcher, device=torch.device(device), is_main_process=True)
 
-    _check_precision(StageConfig(name="s", mixed_precision="bf16"), 0, acc("no"))  # the stage decides
-    _check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("no", "cpu"))  # ignored on CPU
-    _check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("fp16"))  # accelerate scales
+    check_precision(StageConfig(name="s", mixed_precision="bf16"), 0, acc("no"))  # the stage decides
+    check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("no", "cpu"))  # ignored on CPU
+    check_precision(StageConfig(name="s", mixed_precision="fp16"), 0, acc("fp16"))  # accelerate scales
     with pytest.raises(UserError, match=r"^stages\.2\.mixed_precision: fp16 needs loss scaling"):
-        _check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
-    _check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
+        check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
+    check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
     assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().out
 
 
 def test_sharding_setups_that_would_lose_rank_0s_weights_are_refused(tmp_path, models):
     from types import SimpleNamespace
 
+    from stella_distill.distributed import check_sharding_setup
     from stella_distill.errors import UserError
-    from stella_distill.train import _check_sharding_setup
 
     cfg = from_dict(base_config(tmp_path, models))  # three stages
 
@@ -440,20 +441,20 @@ def test_sharding_setups_that_would_lose_rank_0s_weights_are_refused(tmp_path, m
         )
         return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), num_processes=world, state=state)
 
-    _check_sharding_setup(cfg, acc("MULTI_GPU"))
-    _check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=False))
+    check_sharding_setup(cfg, acc("MULTI_GPU"))
+    check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=False))
     with pytest.raises(UserError, match=r"^accelerate config zero3_init_flag: must be false"):
-        _check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=True))
-    _check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=True))
-    _check_sharding_setup(cfg, acc("FSDP", world=1, fsdp_version=1, sync_module_states=False))
+        check_sharding_setup(cfg, acc("DEEPSPEED", zero3_init_flag=True))
+    check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=True))
+    check_sharding_setup(cfg, acc("FSDP", world=1, fsdp_version=1, sync_module_states=False))
     with pytest.raises(UserError, match=r"^accelerate config fsdp_sync_module_states: must be true"):
-        _check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=False))
-    _check_sharding_setup(
+        check_sharding_setup(cfg, acc("FSDP", fsdp_version=1, sync_module_states=False))
+    check_sharding_setup(
         cfg, acc("FSDP", fsdp_version=2, sync_module_states=None, cpu_ram_efficient_loading=True)
     )
     with pytest.raises(
         UserError, match=r"^accelerate config fsdp_cpu_ram_efficient_loading: must be true with FSDP2"
     ):
-        _check_sharding_setup(
+        check_sharding_setup(
             cfg, acc("FSDP", fsdp_version=2, sync_module_states=None, cpu_ram_efficient_loading=False)
         )

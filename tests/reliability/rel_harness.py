@@ -289,7 +289,7 @@ def check_cache_consistent(folder: Path) -> dict:
     stats = {"records": 0, "temp_files": 0, "unrecorded_bytes": 0, "complete": False}
     if not folder.exists():
         return stats
-    if (folder / cache_lib.MANIFEST).is_file():
+    if (folder / "manifest.json").is_file():
         TeacherCache(folder, verify=True)
         stats["complete"] = True
     else:
@@ -299,14 +299,14 @@ def check_cache_consistent(folder: Path) -> dict:
             assert "incomplete" in str(exc) or "no teacher cache" in str(exc), str(exc)
         else:
             raise AssertionError(f"{folder}: opened without a manifest")
-    known = {cache_lib.BUILD, cache_lib.ROW_HASHES, cache_lib.VECTORS, cache_lib.MANIFEST, cache_lib.SHARDS}
+    known = {"build.json", "row_hashes.npy", "vectors.npy", "manifest.json", "shards"}
     for p in folder.iterdir():
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             stats["temp_files"] += 1
         else:
             assert p.name in known, f"unexpected file {p}"
-    build = cache_lib.read_build(folder)
-    shards = folder / cache_lib.SHARDS
+    build = cache_lib._read_build(folder)
+    shards = folder / "shards"
     records = sorted(shards.glob("shard-*.json")) if shards.is_dir() else []
     stats["temp_files"] += len(list(shards.glob(".*.tmp"))) if shards.is_dir() else 0
     if build is None:
@@ -317,11 +317,11 @@ def check_cache_consistent(folder: Path) -> dict:
     for p in records:
         index = int(p.stem.split("-")[1])
         start, stop = bounds[index]
-        record = cache_lib.read_shard_record(folder, index, start, stop, check_bytes=True)
+        record = cache_lib._read_shard_record(folder, index, start, stop, check_bytes=True)
         assert record is not None, f"{p}: a shard record whose bytes are not on disk"
         recorded.add(index)
     stats["records"] = len(recorded)
-    vectors = folder / cache_lib.VECTORS
+    vectors = folder / "vectors.npy"
     if vectors.is_file():
         try:
             arr = np.load(vectors, mmap_mode="r")
@@ -355,7 +355,7 @@ def check_checkpoints_consistent(run: Path) -> dict:
     """
     from safetensors import safe_open
 
-    from stella_distill.train import list_checkpoints
+    from stella_distill.run import list_checkpoints
 
     run = Path(run)
     listed = list_checkpoints(run)

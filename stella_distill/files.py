@@ -1,0 +1,105 @@
+"""Writing files so that a reader sees the old content or the whole new one, never a torn one, and
+reading back what was written (hashes of files and of row ranges, ``.npy`` headers).
+
+Every file a job may be killed while writing (cache shards and manifests, checkpoints, exports) goes
+through here: written beside its place, fsynced, renamed over it, the folder fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; the file written there then replaces ``path`` atomically.
+
+    On leaving, the temp file is fsynced, renamed over ``path`` and the folder fsynced, so readers
+    see the old file or the whole new one. A failed write (disk full, read-only folder) removes the
+    temp file and raises ``OSError`` naming ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise named_os_error(exc, path) from None
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`replaced_atomically`)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. the folder is gone or read-only: nothing left to clean
+        pass
+
+
+def named_os_error(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` if it names no file (writes to an open file name none)."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_rows(path: Path, offset: int, start: int, stop: int, row_bytes: int) -> str | None:
+    """sha256 of rows [start, stop) of a row-major file whose rows start at byte ``offset``, or None
+    if the file is too short."""
+    h = hashlib.sha256()
+    want = (stop - start) * row_bytes
+    with open(path, "rb") as f:
+        f.seek(offset + start * row_bytes)
+        while want > 0:
+            chunk = f.read(min(want, 1 << 24))
+            if not chunk:
+                return None
+            h.update(chunk)
+            want -= len(chunk)
+    return h.hexdigest()
+
+
+def npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """``(data offset, shape, dtype)`` from a .npy file's header (C order only)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        if fortran:
+            raise ValueError("Fortran-ordered array")
+        return f.tell(), shape, dtype
