@@ -36,6 +36,9 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -
     return field(default=default, metadata={"doc": doc})
 
 
+# cache_dir/<teacher.name> is a teacher's cache; this name is the corpus table's (data.py), not a teacher's
+CORPUS_FOLDER = "corpus"
+
 Pooling = Literal["cls", "mean", "last_token"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -55,8 +58,14 @@ class SourceConfig:
     )
     subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")
     limit: int | None = _f(None, doc="take at most this many texts from this source")
-    streaming: bool = _f(
-        False, doc="Hub datasets: stream rows instead of downloading the whole split (needs the network)"
+    revision: str | None = _f(
+        None,
+        doc="Hub datasets: branch, tag or commit (the commit it resolves to is recorded with the corpus)",
+    )
+    streaming: bool | None = _f(
+        None,
+        doc="Hub datasets: stream rows instead of downloading the whole split; null: stream when a limit "
+        "(this source's or data.limit) caps what is read",
     )
     quoting: Literal["auto", "csv", "none"] = _f(
         "auto",
@@ -454,6 +463,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if t.name in seen:
             raise ConfigError(
                 f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})"
+            )
+        if t.name == CORPUS_FOLDER:
+            raise ConfigError(
+                f"teachers.{i}.name: {t.name!r} is reserved: cache_dir/{CORPUS_FOLDER} holds the corpus table"
             )
         seen[t.name] = i
         if not t.model.strip():

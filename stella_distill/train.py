@@ -186,7 +186,8 @@ def train(cfg: ExperimentConfig) -> Path:
             dump_config(cfg, run_dir / run.CONFIG_FILE)
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
-    corpus: Corpus = load_corpus(cfg.data, log=print if accelerator.is_main_process else (lambda *a: None))
+    quiet = not accelerator.is_main_process
+    corpus: Corpus = load_corpus(cfg.data, log=(lambda *a: None) if quiet else print, cache_dir=cfg.cache_dir)
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
@@ -196,7 +197,7 @@ def train(cfg: ExperimentConfig) -> Path:
             f"data: no valid training rows: every row is held out or listed in a cache's invalid_rows "
             f"(non-finite teacher vectors; {bad})"
         )
-    lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
+    lengths = corpus.lengths  # characters per text, from the table (no text is read)
     target_dim = sum(c.dim for c in caches)
     if cfg.student.target_dim is not None and cfg.student.target_dim != target_dim:
         dims = " + ".join(f"{c.dim} ({t.name})" for c, t in zip(caches, cfg.teachers))
@@ -320,7 +321,7 @@ def run_stage(
         for micro in range(stage.grad_accumulation):
             rows = next(batches)
             local = rows[rank * stage.batch_size : (rank + 1) * stage.batch_size]
-            features = student.tokenize([corpus.texts[i] for i in local])
+            features = student.tokenize(corpus.texts[local])
             features = {k: v.to(accelerator.device) for k, v in features.items()}
             n_tokens += int(features["attention_mask"].sum()) * world
             target = torch.from_numpy(
@@ -512,7 +513,7 @@ def evaluate_fidelity(
     with torch.no_grad():
         for i in range(0, len(eval_rows), 64):
             rows = eval_rows[i : i + 64]
-            texts = [corpus.texts[r] for r in rows]
+            texts = corpus.texts[rows]
             features = {k: v.to(accelerator.device) for k, v in student.tokenize(texts).items()}
             for d, v in model(**features, mrl=True).items():
                 outs.setdefault(d, []).append(v.float().cpu())
