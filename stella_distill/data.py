@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,12 @@ import numpy as np
 import pyarrow as pa
 
 from stella_distill import sources
+from stella_distill.arrow_table import TableWriter, TextColumn, as_numpy, int_array, open_table, written
 from stella_distill.config import CORPUS_FOLDER, DataConfig
 from stella_distill.dedupe import Deduper
 from stella_distill.errors import UserError, write_failure
 from stella_distill.files import atomic_write, fsync_dir, named_os_error, remove_quietly
 from stella_distill.fingerprints import text_hashes
-from stella_distill.table_writer import TableWriter, as_numpy, int_array, written
 
 FORMAT = 1  # bump when the table's content or layout changes: older tables are then rebuilt
 MANIFEST = "corpus.json"
@@ -68,51 +68,10 @@ _BUILD_WAIT = timedelta(hours=24)
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
 
 
-class CorpusTexts(Sequence):
-    """The ``text`` column of a corpus table, read on demand from the memory map.
-
-    ``texts[i]`` is one str; ``texts[a:b]`` and ``texts[rows]`` (a list or array of row ids) are lists.
-    Nothing is held beyond what a call returns.
-    """
-
-    def __init__(self, column: pa.ChunkedArray):
-        self._column = column
-        self._chunks = column.chunks
-        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step != 1:
-                return self[np.arange(start, stop, step)]
-            return self._column.slice(start, max(stop - start, 0)).to_pylist()
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (len(self) if key < 0 else 0)
-            if not 0 <= i < len(self):
-                raise IndexError(f"corpus row {key} out of range (0..{len(self) - 1})")
-            k = int(np.searchsorted(self._starts, i, side="right")) - 1
-            return self._chunks[k][i - int(self._starts[k])].as_py()
-        rows = np.asarray(key, dtype=np.int64)
-        if rows.ndim != 1:
-            raise TypeError("corpus rows must be an int, a slice or a 1-d list of row ids")
-        rows = np.where(rows < 0, rows + len(self), rows)
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"corpus rows out of range (0..{len(self) - 1})")
-        return self._column.take(int_array(rows, pa.int64())).to_pylist()
-
-    def __iter__(self) -> Iterator[str]:
-        for chunk in self._chunks:
-            for start in range(0, len(chunk), 4096):
-                yield from chunk.slice(start, 4096).to_pylist()
-
-
 class Corpus:
     """The training texts in corpus order, memory-mapped from the corpus table, with what identifies them.
 
-    ``texts`` reads rows on demand (:class:`CorpusTexts`). ``row_hashes[i]`` is the first 8 bytes of
+    ``texts`` reads rows on demand (:class:`TextColumn`). ``row_hashes[i]`` is the first 8 bytes of
     blake2b over ``texts[i]`` (UTF-8) as a little-endian uint64; ``fingerprint`` is the sha256 hex of
     all row hashes in order; ``lengths[i]`` is ``len(texts[i])``. ``row_hashes`` and ``lengths`` are
     fresh arrays on every access (8 bytes a row): keep what you need. ``stats`` holds the counts
@@ -123,7 +82,7 @@ class Corpus:
 
     def __init__(self, table: pa.Table, fingerprint: str, stats: dict, path: Path):
         self._table = table
-        self.texts = CorpusTexts(table.column("text"))
+        self.texts = TextColumn(table.column("text"))
         self.fingerprint = fingerprint
         self.stats = stats
         self.path = path
@@ -208,7 +167,7 @@ def _process_group():
 
 def _open(path: Path, manifest: dict, temp: Path | None) -> Corpus:
     """Memory-map the table at ``path`` and check it is the one ``manifest`` describes."""
-    table = _read_table(path)
+    table = _table(path)
     if table is None or table.num_rows != manifest["rows"]:
         raise UserError(
             f"{path}: the corpus table does not match {MANIFEST}; delete its folder to rebuild it"
@@ -218,12 +177,9 @@ def _open(path: Path, manifest: dict, temp: Path | None) -> Corpus:
     return Corpus(table, manifest["fingerprint"], manifest["stats"], path)
 
 
-def _read_table(path: Path) -> pa.Table | None:
-    try:
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    except (OSError, pa.ArrowInvalid):
-        return None
-    return table if table.schema.remove_metadata().equals(SCHEMA) else None
+def _table(path: Path) -> pa.Table | None:
+    table = open_table(path)
+    return table if table is not None and table.schema.remove_metadata().equals(SCHEMA) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +212,7 @@ def _prepare(data_cfg: DataConfig, cache_dir, log) -> tuple[Path, dict, Path | N
     manifest = _read_manifest(folder)
     reason = _stale(manifest, folder, description, identities, log)
     if reason is None:
+        _tidy(folder, manifest["table"])
         log(_summary_line(manifest["stats"]) + f"; table {folder / manifest['table']} (sources unchanged)")
         return folder / manifest["table"], manifest, None
     try:
@@ -330,7 +287,7 @@ def _stale(manifest, folder, description, identities, log) -> str | None:
                 return f"data.train.{i}: {change}"
     if len(recorded) != len(identities):
         return "the data config changed"
-    table = _read_table(folder / str(manifest.get("table")))
+    table = _table(folder / str(manifest.get("table")))
     if table is None or table.num_rows != manifest.get("rows"):
         return f"{folder / str(manifest.get('table'))} is missing or unreadable"
     return None
@@ -371,15 +328,39 @@ def _locked(fd: int, folder: Path, created: list[Path], log):
         os.close(fd)
 
 
-def _remove_leftovers(folder: Path, keep: str | None) -> None:
-    """Remove this module's temporary files and the tables no manifest names (``keep``: the one that
-    stays). Called with the lock held, so no other builder is writing them."""
+def _leftovers(folder: Path, keep: str | None) -> list[Path]:
+    """This module's temporary files in ``folder`` and the tables other than ``keep``."""
+    found = []
     for p in folder.iterdir():
         name = p.name
-        ours = name.startswith("corpus-") and (name.endswith(".arrow") or ".arrow.tmp" in name)
-        temp_manifest = name.startswith(f".{MANIFEST}.") and name.endswith(".tmp")
-        if (ours and name != keep) or temp_manifest:
-            remove_quietly(p)
+        table = name.startswith("corpus-") and (name.endswith(".arrow") or ".arrow.tmp" in name)
+        if (table and name != keep) or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp")):
+            found.append(p)
+    return found
+
+
+def _remove_leftovers(folder: Path, keep: str | None) -> None:
+    """Remove what :func:`_leftovers` finds; called with the lock held, so no builder is writing them."""
+    for p in _leftovers(folder, keep):
+        remove_quietly(p)
+
+
+def _tidy(folder: Path, keep: str) -> None:
+    """Remove what a build killed after its manifest left behind (the table it replaced), if no job is
+    building now; never waits, and does nothing where the folder is read-only."""
+    if not _leftovers(folder, keep):
+        return
+    try:
+        fd = os.open(folder / _LOCK, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_leftovers(folder, keep)
+    except OSError:  # locked by a builder, or read-only
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from stella_distill.errors import UserError
 from stella_distill.fingerprints import corpus_fingerprint, text_hashes
 
 
-def _corpus(*sources: dict, log=None, **data) -> Corpus:
+def _corpus(*sources: dict, log=None, cache_dir=None, **data) -> Corpus:
     cfg = DataConfig(train=[SourceConfig(**s) for s in sources], **data)
     lines: list[str] = []
-    corpus = load_corpus(cfg, log=lines.append)
+    corpus = load_corpus(cfg, log=lines.append, cache_dir=cache_dir)
     if log is not None:
         log.extend(lines)
     return corpus
@@ -289,9 +289,13 @@ def test_quoted_tsv_is_detected_and_quoting_can_be_forced(tmp_path):
     assert _texts({"path": str(quoted), "quoting": "none"})[0] == '"He said ""hi"" today"'
 
 
-def test_hub_sources_stream_when_asked(tmp_path, monkeypatch):
-    """streaming: true reads a Hub dataset as it comes, only as far as the limit needs."""
+def test_hub_sources_stream_when_a_limit_caps_them_and_record_their_commit(tmp_path, monkeypatch):
+    """A Hub source with a limit (its own or data.limit) streams only the rows it needs; the commit its
+    revision resolves to is what is read and what the corpus table records; a table is reused while
+    that commit stays, rebuilt when the branch moves, and reused with a note when the Hub is out of reach."""
     import datasets
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     pulled = []
 
@@ -302,23 +306,58 @@ def test_hub_sources_stream_when_asked(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
-        calls.append((path, name, split, streaming))
+    def fake_load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):
+        calls.append((path, name, split, streaming, revision))
         if streaming:
             return datasets.IterableDataset.from_generator(rows)
         return datasets.Dataset.from_list([{"text": "all", "id": 0}])
 
+    commits = {"org/web-corpus": "a" * 40}
+    asked = []
+
+    def fake_dataset_info(self, repo_id, revision=None, **kwargs):
+        asked.append((repo_id, revision))
+        if repo_id not in commits:
+            raise OfflineModeIsEnabled("offline")
+        return type("Info", (), {"sha": commits[repo_id]})()
+
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    corpus = _corpus({"path": "org/web-corpus", "limit": 5, "streaming": True})
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", fake_dataset_info)
+    cache, log = tmp_path / "cache", []
+    src = {"path": "org/web-corpus", "limit": 5}
+    corpus = _corpus(src, cache_dir=cache, log=log)
     assert list(corpus.texts) == ["row 0", "row 2", "row 3", "row 4", "row 5"]  # the empty row is skipped
-    assert calls == [("org/web-corpus", None, "train", True)]
+    assert calls == [("org/web-corpus", None, "train", True, "a" * 40)]
     assert len(pulled) < 100, len(pulled)
-    assert _texts({"path": "org/small", "limit": 5}) == ["all"] and calls[-1][3] is False
+    manifest = json.loads((corpus.path.parent / "corpus.json").read_text())
+    assert manifest["identities"] == [{"hub": "org/web-corpus", "commit": "a" * 40}]
+
+    assert list(_corpus(src, cache_dir=cache, log=log).texts) == list(corpus.texts)
+    assert len(calls) == 1 and "(sources unchanged)" in log[-1]  # reused: nothing loaded again
+    commits["org/web-corpus"] = "b" * 40
+    _corpus(src, cache_dir=cache, log=log)
+    assert calls[-1][4] == "b" * 40 and len(calls) == 2
+    assert f"org/web-corpus moved from commit {'a' * 40} to {'b' * 40}" in log[-1]
+    assert f"data.train.0.revision: {'a' * 40} to keep the old corpus" in log[-1]
+    del commits["org/web-corpus"]  # the Hub cannot be asked
+    _corpus(src, cache_dir=cache, log=log)
+    assert len(calls) == 2 and "cannot ask the Hub where org/web-corpus is now" in log[-2]
+    pinned = {**src, "revision": "c" * 40}
+    n_asked = len(asked)
+    _corpus(pinned)
+    assert calls[-1][4] == "c" * 40 and len(asked) == n_asked  # a commit needs no question
+
+    assert _texts({"path": "org/small"}) == ["all"] and calls[-1][3] is False  # no limit: downloaded
+    assert calls[-1][4] is None  # offline: unresolved, left to the datasets library
+    _corpus({"path": "org/small"}, limit=3)
+    assert calls[-1][3] is True  # data.limit caps it too
+    _corpus({"path": "org/small", "limit": 3, "streaming": False})
+    assert calls[-1][3] is False  # as configured
     with pytest.raises(
         UserError,
         match=r"data\.train\.0\.text_field: no column 'body' in org/web-corpus \(columns: text, id\)",
     ):
-        _corpus({"path": "org/web-corpus", "streaming": True, "text_field": "body"})
+        _corpus({"path": "org/web-corpus", "limit": 5, "text_field": "body"})
 
 
 def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:

@@ -1,8 +1,9 @@
-"""An Arrow IPC stream file written record batch by record batch: fsynced on close, fingerprinted as
-it goes (sha256 over a uint64 column), and readable back by row while it grows.
+"""Arrow IPC stream files: written record batch by record batch (:class:`TableWriter`: fsynced on
+close, fingerprinted as it goes, readable back by row while it grows), memory-mapped whole
+(:func:`open_table`), and read by row (:class:`TextColumn`).
 
-Write failures (disk full, read-only folder) are one :class:`UserError` line naming the file. The
-stream format is what Hugging Face ``datasets`` writes and memory-maps (``Dataset.from_file``).
+The stream format is what Hugging Face ``datasets`` writes and memory-maps (``Dataset.from_file``).
+Write failures (disk full, read-only folder) are one :class:`UserError` line naming the file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,63 @@ class TableWriter:
             local = int_array(np.asarray(wanted) - self._starts[k], pa.int64())
             found.update(zip(wanted, batch.column(self._read).take(local).to_pylist()))
         return [found[r] for r in rows]
+
+
+def open_table(path: Path) -> pa.Table | None:
+    """The table in the stream file at ``path``, memory-mapped (nothing is read until used), or None
+    if the file is missing or not a whole Arrow stream."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+class TextColumn(Sequence):
+    """A string column of a (memory-mapped) table, read on demand.
+
+    ``texts[i]`` is one str; ``texts[a:b]`` and ``texts[rows]`` (a list or array of row ids) are lists.
+    Nothing is held beyond what a call returns.
+    """
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._column = column
+        self._chunks = column.chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._column.slice(start, max(stop - start, 0)).to_pylist()
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"corpus row {key} out of range (0..{len(self) - 1})")
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+            return self._chunks[k][i - int(self._starts[k])].as_py()
+        rows = np.asarray(key, dtype=np.int64)
+        if rows.ndim != 1:
+            raise TypeError("corpus rows must be an int, a slice or a 1-d list of row ids")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"corpus rows out of range (0..{len(self) - 1})")
+        # chunk by chunk: a take over the whole column would first concatenate it (a copy of every text)
+        out: list = [None] * len(rows)
+        chunk_of = np.searchsorted(self._starts, rows, side="right") - 1
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.searchsorted(chunk_of[order], np.arange(len(self._chunks) + 1))
+        for k in np.flatnonzero(np.diff(bounds)):
+            positions = order[bounds[k] : bounds[k + 1]]
+            local = int_array(rows[positions] - self._starts[k], pa.int64())
+            for pos, text in zip(positions.tolist(), self._chunks[k].take(local).to_pylist()):
+                out[pos] = text
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            for start in range(0, len(chunk), 4096):
+                yield from chunk.slice(start, 4096).to_pylist()
