@@ -1,7 +1,8 @@
 """Exact-duplicate removal over a stream of texts in bounded memory: by 64-bit hash, with the texts
 themselves compared only where hashes collide.
 
-What is kept is 16 bytes per kept text (its hash and row id) in sorted runs, never the texts: a text
+What is kept is 16 bytes per kept text (its hash and row id) in sorted runs, never the texts (a merge
+of runs briefly needs about twice the entries merged, at most 2 x 16 MiB more): a text
 whose hash is already taken is compared with the earlier texts behind that hash, which the caller
 reads back from wherever it put them (the corpus table). So two different texts that share a hash
 both stay, and nothing but a real repeat is dropped. numpy only.
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
+_RUN_CAP = 1 << 20  # entries (16 MiB); 8 M rows make about 8 capped runs plus O(log) small ones
 
 
 class Deduper:
@@ -24,20 +27,29 @@ class Deduper:
     def __init__(self, texts_at: Callable[[list[int]], list[str]]):
         self._texts_at = texts_at
         # sorted runs of (hashes, rows); a run merges with the last one while it is as long, so there
-        # are O(log n) runs to search and every row is re-sorted O(log n) times
+        # are O(log n) runs to search and every row is re-sorted O(log n) times; runs stop growing at
+        # _RUN_CAP entries, so a merge never holds more than two capped runs twice (bounded memory)
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
 
     def first_occurrences(self, texts: list[str], hashes: np.ndarray) -> np.ndarray:
         """Boolean mask: which of ``texts`` equal no earlier text (added before, or earlier in ``texts``)."""
-        earlier: dict[int, set[str]] = {}
+        keep = np.ones(len(texts), dtype=bool)
         taken = self.rows_of(hashes)
+        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        # a text whose hash is new and once in the batch stays without a look; the rest, in order
+        ask = counts[inverse.ravel()] > 1
+        if taken:
+            ask |= np.isin(hashes, np.fromiter(taken, dtype=np.uint64, count=len(taken)))
+        if not ask.any():
+            return keep
+        earlier: dict[int, set[str]] = {}
         if taken:
             rows = sorted({r for rs in taken.values() for r in rs})
             by_row = dict(zip(rows, self._texts_at(rows)))
             earlier = {h: {by_row[r] for r in rs} for h, rs in taken.items()}
-        keep = np.ones(len(texts), dtype=bool)
         here: dict[int, set[str]] = {}
-        for k, (text, h) in enumerate(zip(texts, hashes.tolist())):
+        for k in np.flatnonzero(ask).tolist():
+            text, h = texts[k], int(hashes[k])
             if text in earlier.get(h, ()) or text in here.get(h, ()):
                 keep[k] = False
             else:
@@ -48,7 +60,7 @@ class Deduper:
         """Record kept texts by hash and row id."""
         order = np.argsort(hashes, kind="stable")
         run = (np.asarray(hashes)[order], np.asarray(rows, dtype=np.int64)[order])
-        while self._runs and len(self._runs[-1][0]) <= len(run[0]):
+        while self._runs and len(self._runs[-1][0]) <= len(run[0]) < _RUN_CAP:
             h, r = self._runs.pop()
             h, r = np.concatenate([h, run[0]]), np.concatenate([r, run[1]])
             order = np.argsort(h, kind="stable")

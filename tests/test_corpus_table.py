@@ -154,7 +154,11 @@ def test_dedupe_is_exact_when_hashes_collide(tmp_path, monkeypatch):
     assert list(limited.texts) == want[:50]  # data.limit applies after dedupe
 
 
-def test_deduper_against_a_set(tmp_path):
+@pytest.mark.parametrize("cap", [1 << 20, 32])
+def test_deduper_against_a_set(monkeypatch, cap):
+    from stella_distill import dedupe as dedupe_module
+
+    monkeypatch.setattr(dedupe_module, "_RUN_CAP", cap)  # 32: runs stop merging early
     rng = np.random.default_rng(3)
     stored: list[str] = []
     dedupe = Deduper(lambda rows: [stored[r] for r in rows])
@@ -171,7 +175,9 @@ def test_deduper_against_a_set(tmp_path):
         kept = np.flatnonzero(keep)
         dedupe.add(hashes[kept], np.arange(len(stored), len(stored) + len(kept)))
         stored.extend(batch[k] for k in kept)
-    assert len(stored) == len(seen) and len(dedupe._runs) <= 6  # runs merge: O(log n) of them
+    assert len(stored) == len(seen)
+    sizes = [len(h) for h, _ in dedupe._runs]
+    assert len(sizes) <= (6 if cap > 1000 else 12) and (cap > 1000 or max(sizes) < 2 * cap + 40), sizes
 
 
 def test_data_limit_stops_reading_at_the_row_that_fills_it(tmp_path):
