@@ -1,7 +1,7 @@
 """The corpus at scale: the memory-mapped corpus table against the list-of-strings loader it replaced.
 
-One run, one synthetic corpus (a .txt file of ``--texts`` short web-like passages, a few % exact
-repeats, ``data.dedupe`` on as in the recipes), both loaders measured side by side:
+One run, one synthetic corpus (a .txt file of ``--texts`` texts of ``--phrases`` random phrases, some
+exact repeats, ``data.dedupe`` on as in the recipes), both loaders measured side by side:
 
 - build and reopen: ``data.load_corpus`` into an empty ``cache_dir`` (reads, dedupes, hashes and
   writes the table), again (sources re-hashed, table memory-mapped), the table's open alone; against
@@ -22,7 +22,8 @@ The list loader is ``data.load_corpus`` as it was before the table (re-stated be
 sources through the same readers): every text in one Python list, a set of the strings for the
 dedupe, a hash of every row, in every process, on every verb.
 
-    python scripts/bench_corpus.py                              # 2,000,000 texts: ~15 min on 2 cores
+    python scripts/bench_corpus.py                              # 2,000,000 texts of ~140 B: ~15 min on 2 cores
+    python scripts/bench_corpus.py --phrases 16                 # 2,000,000 texts of ~1.1 KB (2.2 GB)
     python scripts/bench_corpus.py --texts 200000 --json bench_corpus.json
 """
 
@@ -86,7 +87,10 @@ def list_corpus(data_cfg, log=print, cache_dir=None) -> ListCorpus:
             if not isinstance(value, str):
                 counts["skipped_non_string"] += 1
                 continue
-            value = data._drop_trailing_newline(value)
+            if value.endswith("\n"):
+                value = value[:-1]
+                if value.endswith("\r"):
+                    value = value[:-1]
             if not value.strip():
                 counts["skipped_empty"] += 1
                 continue
@@ -182,17 +186,18 @@ def worker(args) -> None:
 # The run
 
 
-def write_corpus(path: Path, n: int, seed: int) -> int:
-    """``n`` texts of two random phrases each (a few % repeat by chance); returns the file's bytes."""
+def write_corpus(path: Path, n: int, seed: int, phrases: int) -> int:
+    """``n`` texts of ``phrases`` random phrases each (3-24 words; with 2, a few % of the texts repeat by
+    chance, ~140 bytes a text like the issue's 1 M-line file; with 16, ~1.1 KB); returns the file's bytes."""
     from tiny import WORDS
 
     rng = np.random.default_rng(seed)
     words = np.array(WORDS)
-    phrases = [" ".join(words[rng.integers(0, len(words), size=rng.integers(3, 25))]) for _ in range(4096)]
+    pool = [" ".join(words[rng.integers(0, len(words), size=rng.integers(3, 25))]) for _ in range(4096)]
     with path.open("w", encoding="utf-8") as f:
-        for start in range(0, n, 100_000):
-            pairs = rng.integers(0, len(phrases), size=(min(100_000, n - start), 2))
-            f.write("".join(f"{phrases[a]} {phrases[b]}\n" for a, b in pairs))
+        for start in range(0, n, 50_000):
+            picks = rng.integers(0, len(pool), size=(min(50_000, n - start), phrases))
+            f.write("".join(" ".join(pool[k] for k in row) + "\n" for row in picks.tolist()))
     return path.stat().st_size
 
 
@@ -276,6 +281,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--texts", type=int, default=2_000_000)
+    parser.add_argument("--phrases", type=int, default=2, help="phrases per text: 2 ~140 B, 16 ~1.1 KB")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--verbs", nargs="+", default=["precompute", "train"])
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
@@ -296,10 +302,11 @@ def main() -> None:
     teacher = make_tiny_bert(root / "teacher", seed=1, dropout=0.0)
     student = make_tiny_bert(root / "student", seed=2)
     big, small = root / "corpus.txt", root / "small.txt"
-    size = write_corpus(big, args.texts, seed=0)
-    small_size = write_corpus(small, 2 * SHARD, seed=1)
+    size = write_corpus(big, args.texts, seed=0, phrases=args.phrases)
+    small_size = write_corpus(small, 2 * SHARD, seed=1, phrases=args.phrases)
     print(f"corpus: {args.texts:,} texts, {size / 1e6:.1f} MB ({root})", flush=True)
-    results: dict = {"texts": args.texts, "bytes": size, "small_bytes": small_size, "runs": {}}
+    results: dict = {"texts": args.texts, "phrases": args.phrases, "bytes": size, "small_bytes": small_size}
+    results["runs"] = {}
 
     cfg = DataConfig(train=[SourceConfig(path=str(big))], dedupe=True)
     quiet = lambda _: None  # noqa: E731

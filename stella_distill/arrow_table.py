@@ -97,18 +97,22 @@ class TableWriter:
     def values_at(self, rows: list[int]) -> list:
         """Column ``read_column`` of rows already written, in the order asked."""
         source = pa.memory_map(str(self.path))
+        rows = np.asarray(rows, dtype=np.int64)
         batch_of = np.searchsorted(self._starts, rows, side="right") - 1
-        found: dict[int, object] = {}
-        for k in sorted(set(batch_of.tolist())):
+        order = np.argsort(batch_of, kind="stable")
+        bounds = np.searchsorted(batch_of[order], np.arange(len(self._starts) + 1))
+        out: list = [None] * len(rows)
+        for k in np.flatnonzero(np.diff(bounds)).tolist():
             source.seek(self._offsets[k])
             message = pa.ipc.read_message(source)
             while message.type != "record batch":  # the schema goes out with the first batch
                 message = pa.ipc.read_message(source)
             batch = pa.ipc.read_record_batch(message, self.schema)
-            wanted = [r for r, b in zip(rows, batch_of) if b == k]
-            local = int_array(np.asarray(wanted) - self._starts[k], pa.int64())
-            found.update(zip(wanted, batch.column(self._read).take(local).to_pylist()))
-        return [found[r] for r in rows]
+            positions = order[bounds[k] : bounds[k + 1]]
+            local = int_array(rows[positions] - self._starts[k], pa.int64())
+            for pos, value in zip(positions.tolist(), batch.column(self._read).take(local).to_pylist()):
+                out[pos] = value
+        return out
 
 
 def open_table(path: Path) -> pa.Table | None:

@@ -93,7 +93,7 @@ class DataConfig:
 class TeacherConfig:
     """One teacher model whose vectors become part of the target."""
 
-    name: str = _f(doc="short unique name; the cache folder is cache_dir/<name>")
+    name: str = _f(doc="short unique name; its cache folder is cache_dir/<name> ('corpus' is taken)")
     model: str = _f(doc="Hugging Face model id or local path")
     revision: str | None = _f(None, doc="model revision (branch, tag or commit) for Hub ids")
     pooling: Pooling = _f("mean", doc="how token states become one vector: cls, mean or last_token")

@@ -73,8 +73,9 @@ class Corpus:
 
     ``texts`` reads rows on demand (:class:`TextColumn`). ``row_hashes[i]`` is the first 8 bytes of
     blake2b over ``texts[i]`` (UTF-8) as a little-endian uint64; ``fingerprint`` is the sha256 hex of
-    all row hashes in order; ``lengths[i]`` is ``len(texts[i])``. ``row_hashes`` and ``lengths`` are
-    fresh arrays on every access (8 bytes a row): keep what you need. ``stats`` holds the counts
+    all row hashes in order; ``lengths[i]`` is ``len(texts[i])`` (int32 unless a text is longer).
+    ``row_hashes`` and ``lengths`` are fresh arrays on every access (8 and 4 bytes a row): keep what
+    you need. ``stats`` holds the counts
     behind the summary line (``read``, ``skipped_empty``, ``skipped_non_string``,
     ``duplicates_dropped``, ``rows``, ``stopped_at_limit``, and ``sources``: the same per source);
     ``path`` is the table file.
@@ -96,12 +97,18 @@ class Corpus:
 
     @property
     def lengths(self) -> np.ndarray:
-        return _column_array(self._table, "chars", np.int64)
+        # int32 where it fits: half the memory of a per-row array every training process holds
+        chars = self._table.column("chars")
+        fits = len(chars) == 0 or max(int(as_numpy(c).max(initial=0)) for c in chars.chunks) < 2**31
+        return _column_array(self._table, "chars", np.int32 if fits else np.int64)
 
 
 def _column_array(table: pa.Table, name: str, dtype) -> np.ndarray:
-    chunks = [as_numpy(c) for c in table.column(name).chunks]
-    return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
+    out, start = np.empty(table.num_rows, dtype=dtype), 0
+    for chunk in table.column(name).chunks:
+        out[start : start + len(chunk)] = as_numpy(chunk)
+        start += len(chunk)
+    return out
 
 
 def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print, *, cache_dir=None) -> Corpus:
@@ -415,39 +422,42 @@ def _check_unchanged(identities: list[dict]) -> None:
 def _fill(writer: TableWriter, data_cfg: DataConfig, identities: list[dict]) -> dict:
     """Stream every source into ``writer``; return the counts of the summary line."""
     per_source = []
-    batch = _Batch(writer, data_cfg)
+    table = _Rows(writer, data_cfg)
+    pending: list[str] = []  # the next record batch
     for i, src in enumerate(data_cfg.train):
-        counts = {"path": src.path, "read": 0, "skipped_empty": 0, "skipped_non_string": 0, "kept": 0}
-        per_source.append(counts)
-        if batch.full:
-            break
-        streaming, commit = sources.streams(src, data_cfg.limit), identities[i].get("commit")
-        rows = sources.iter_source(src, f"data.train.{i}", streaming=streaming, revision=commit)
-        for value in rows:
-            counts["read"] += 1
-            if not isinstance(value, str):
-                counts["skipped_non_string"] += 1
-                continue
-            value = _drop_trailing_newline(value)
-            if not value or value.isspace():  # what strip() would empty, without copying the text
-                counts["skipped_empty"] += 1
-                continue
-            counts["kept"] += 1
-            if batch.add(value) or (src.limit is not None and counts["kept"] >= src.limit):
-                break
-        rows.close()  # a source stopped early releases its file or stream now
-    batch.flush()
+        read = empty = non_string = kept = chars = 0
+        limit = -1 if src.limit is None else src.limit
+        if not table.full:
+            streaming, commit = sources.streams(src, data_cfg.limit), identities[i].get("commit")
+            rows = sources.iter_source(src, f"data.train.{i}", streaming=streaming, revision=commit)
+            room = table.room()
+            for value in rows:  # the hot loop: one pass per text, no calls it can do without
+                read += 1
+                if not isinstance(value, str):
+                    non_string += 1
+                    continue
+                if value.endswith("\n"):
+                    value = value[:-2] if value.endswith("\r\n") else value[:-1]
+                if not value or value.isspace():  # what strip() would empty, without copying the text
+                    empty += 1
+                    continue
+                kept += 1
+                pending.append(value)
+                chars += len(value)
+                if len(pending) >= room or chars >= _BATCH_CHARS:
+                    table.flush(pending)
+                    pending, chars, room = [], 0, table.room()
+                    if table.full:
+                        break
+                if kept == limit:
+                    break
+            rows.close()  # a source stopped early releases its file or stream now
+        per_source.append({"path": src.path, "read": read, "skipped_empty": empty,
+                           "skipped_non_string": non_string, "kept": kept})  # fmt: skip
+    table.flush(pending)
     totals = {k: sum(s[k] for s in per_source) for k in ("read", "skipped_empty", "skipped_non_string")}
-    return {**totals, "duplicates_dropped": batch.duplicates, "rows": writer.rows,
-            "stopped_at_limit": batch.full, "sources": per_source}  # fmt: skip
-
-
-def _drop_trailing_newline(text: str) -> str:
-    if text.endswith("\n"):
-        text = text[:-1]
-        if text.endswith("\r"):
-            text = text[:-1]
-    return text
+    return {**totals, "duplicates_dropped": table.duplicates, "rows": writer.rows,
+            "stopped_at_limit": table.full, "sources": per_source}  # fmt: skip
 
 
 def _summary_line(stats: dict) -> str:
@@ -475,32 +485,25 @@ def _record_batch(texts: list[str], hashes: np.ndarray, schema: pa.Schema) -> pa
     )
 
 
-class _Batch:
+class _Rows:
     """Rows on their way into the table, a record batch at a time: deduplicated, cut at ``data.limit``."""
 
     def __init__(self, writer: TableWriter, data_cfg: DataConfig):
         self.writer = writer
         self.limit = data_cfg.limit
         self.seen = Deduper(writer.values_at) if data_cfg.dedupe else None
-        self.texts: list[str] = []
-        self.chars = 0
         self.duplicates = 0
         self.full = False  # data.limit rows are in the table: stop reading
 
-    def add(self, text: str) -> bool:
-        """Queue one text; returns whether the table is full (data.limit reached)."""
-        self.texts.append(text)
-        self.chars += len(text)
-        # with a limit, flush as soon as the queued texts could fill it: reading stops at the row that does
-        room = _BATCH_ROWS if self.limit is None else min(_BATCH_ROWS, self.limit - self.writer.rows)
-        if len(self.texts) >= room or self.chars >= _BATCH_CHARS:
-            self.flush()
-        return self.full
+    def room(self) -> int:
+        """How many queued texts make a batch: with a limit, as soon as they could fill it, so that
+        reading stops at the row that does."""
+        return _BATCH_ROWS if self.limit is None else min(_BATCH_ROWS, self.limit - self.writer.rows)
 
-    def flush(self) -> None:
-        if not self.texts:
+    def flush(self, texts: list[str]) -> None:
+        """Write what of ``texts`` is new (and fits under ``data.limit``) as one record batch."""
+        if not texts:
             return
-        texts, self.texts, self.chars = self.texts, [], 0
         hashes = text_hashes(texts)
         if self.seen is not None:
             keep = np.flatnonzero(self.seen.first_occurrences(texts, hashes))
@@ -527,7 +530,9 @@ def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, 
     if eval_limit is not None:
         n_eval = min(n_eval, eval_limit) if eval_fraction > 0 else eval_limit
     n_eval = min(n_eval, max(len(rows) - 1, 0))
-    perm = np.random.default_rng(seed + 7919).permutation(len(rows))
-    eval_rows = np.sort(rows[perm[:n_eval]])
-    train_rows = np.sort(rows[perm[n_eval:]])
-    return train_rows, eval_rows
+    held = np.random.default_rng(seed + 7919).permutation(len(rows))[:n_eval]
+    eval_rows = np.sort(rows[held])
+    kept = np.ones(len(rows), dtype=bool)
+    kept[held] = False
+    del held  # rows are sorted, so the rest in order is the sorted rest: no sorted copy of a permutation
+    return rows[kept], eval_rows

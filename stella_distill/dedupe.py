@@ -58,6 +58,8 @@ class Deduper:
 
     def add(self, hashes: np.ndarray, rows: np.ndarray) -> None:
         """Record kept texts by hash and row id."""
+        if len(hashes) == 0:
+            return
         order = np.argsort(hashes, kind="stable")
         run = (np.asarray(hashes)[order], np.asarray(rows, dtype=np.int64)[order])
         while self._runs and len(self._runs[-1][0]) <= len(run[0]) < _RUN_CAP:
@@ -70,9 +72,12 @@ class Deduper:
     def rows_of(self, hashes: np.ndarray) -> dict[int, list[int]]:
         """``{hash: [row, ...]}`` for those of ``hashes`` that rows added earlier have."""
         found: dict[int, list[int]] = {}
+        queries = np.unique(hashes)  # sorted: the searches walk each run in order
         for h, r in self._runs:
-            lo = np.searchsorted(h, hashes, side="left")
-            hi = np.searchsorted(h, hashes, side="right")
-            for k in np.flatnonzero(hi > lo):
-                found.setdefault(int(hashes[k]), []).extend(r[lo[k] : hi[k]].tolist())
+            lo = np.searchsorted(h, queries)
+            hit = np.flatnonzero(h[np.minimum(lo, len(h) - 1)] == queries)
+            start, values = lo[hit], queries[hit]
+            stop = np.searchsorted(h, values, side="right")  # stop - start > 1: texts whose hashes collide
+            for value, a, b in zip(values.tolist(), start.tolist(), stop.tolist()):
+                found.setdefault(value, []).extend(r[a:b].tolist())
         return found

@@ -394,3 +394,27 @@ def test_cli_exits_2_with_one_line_for_corpus_errors(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("stella-distill precompute: error: ") and want in lines[0]
+
+
+def test_split_rows_equals_the_plain_permutation_split():
+    """The held-out split is what it always was (sorted halves of one seeded permutation), so runs
+    and their held-out rows stay the same."""
+    from stella_distill.data import split_rows
+
+    rng = np.random.default_rng(0)
+    for n, fraction, limit, seed in [
+        (1000, 0.1, None, 1),
+        (1000, 0.0, 37, 2),
+        (500, 0.3, 20, 3),
+        (1, 0.5, None, 4),
+    ]:
+        valid = rng.random(n) > 0.2
+        rows = np.flatnonzero(valid)
+        n_eval = int(round(len(rows) * fraction))
+        if limit is not None:
+            n_eval = min(n_eval, limit) if fraction > 0 else limit
+        n_eval = min(n_eval, max(len(rows) - 1, 0))
+        perm = np.random.default_rng(seed + 7919).permutation(len(rows))
+        train, held = split_rows(valid, fraction, limit, seed)
+        assert np.array_equal(held, np.sort(rows[perm[:n_eval]])) and len(held) == n_eval
+        assert np.array_equal(train, np.sort(rows[perm[n_eval:]])) and train.dtype == np.int64
