@@ -324,6 +324,10 @@ def _check_folders(cfg: ExperimentConfig) -> None:
             f"cache_dir: is output_dir ({cfg.output_dir}); the run folder (checkpoints, final, export) and the "
             f"teacher caches need folders of their own"
         )
+    if _inside(run_dir, cache_dir / CORPUS_FOLDER):
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir} lies inside cache_dir/{CORPUS_FOLDER}, the corpus table's folder"
+        )
     for i, t in enumerate(cfg.teachers):
         folder = cache_dir / t.name
         if _inside(run_dir, folder):

@@ -223,6 +223,9 @@ def test_a_teacher_cannot_take_the_corpus_folder_name(tmp_path):
            "teachers": [{"name": "corpus", "model": "m"}]}  # fmt: skip
     with pytest.raises(ConfigError, match=r"teachers\.0\.name: 'corpus' is reserved: cache_dir/corpus holds"):
         from_dict(cfg)
+    cfg = {**cfg, "teachers": [{"name": "t", "model": "m"}], "output_dir": "cache/corpus/run"}
+    with pytest.raises(ConfigError, match=r"output_dir: cache/corpus/run lies inside cache_dir/corpus"):
+        from_dict(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
