@@ -212,7 +212,7 @@ def table_folder(cache_dir: str | Path, data_cfg: DataConfig) -> Path:
 def _prepare(data_cfg: DataConfig, cache_dir, log) -> tuple[Path, dict, Path | None]:
     """``(table file, manifest, temporary folder or None)``: a table that matches the sources now."""
     description = describe(data_cfg)
-    identities = [sources.identity(src, f"data.train.{i}") for i, src in enumerate(data_cfg.train)]
+    identities = sources.identities(data_cfg.train)
     if cache_dir is None:
         return _build_temporary(data_cfg, description, identities, log)
     folder = table_folder(cache_dir, data_cfg)
@@ -307,10 +307,17 @@ def _make_folder(folder: Path) -> list[Path]:
     while not p.exists():
         missing.append(p)
         p = p.parent
-    for p in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            p.mkdir()
-    return list(reversed(missing))
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                p.mkdir()
+                made.append(p)
+    except OSError:
+        for p in reversed(made):
+            p.rmdir()
+        raise
+    return made
 
 
 @contextlib.contextmanager

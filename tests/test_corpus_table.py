@@ -135,6 +135,24 @@ def test_a_folder_source_is_identified_by_its_files(tmp_path):
     assert list(_load(cfg, cache, log).texts) == ["one", "two"] and "b.txt is new" in log[-1]
 
 
+def test_source_files_are_identified_by_their_bytes_block_by_block(tmp_path, monkeypatch):
+    """sha256 of the bytes; over one block, sha256 of the blocks' sha256 (threads share a big file)."""
+    from stella_distill import sources
+
+    monkeypatch.setattr(sources, "_BLOCK", 1000)
+    rng = np.random.default_rng(6)
+    files = {"big.txt": rng.bytes(3500), "one_block.txt": rng.bytes(1000), "empty.txt": b""}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    got = sources.identities([SourceConfig(path=str(tmp_path / n)) for n in files])
+    big = files["big.txt"]
+    blocks = b"".join(hashlib.sha256(big[k : k + 1000]).digest() for k in range(0, 3500, 1000))
+    want = [hashlib.sha256(blocks).hexdigest(), hashlib.sha256(files["one_block.txt"]).hexdigest(),
+            hashlib.sha256(b"").hexdigest()]  # fmt: skip
+    assert [g["files"][0]["sha256"] for g in got] == want
+    assert [g["files"][0]["size"] for g in got] == [3500, 1000, 0]
+
+
 def test_dedupe_is_exact_when_hashes_collide(tmp_path, monkeypatch):
     """A weak hash (the length mod 5) makes most different texts collide: only equal texts may go,
     also when the earlier copy sits in a batch already written (read back from the table file)."""
