@@ -282,7 +282,7 @@ def main() -> None:
     )
     parser.add_argument("--texts", type=int, default=2_000_000)
     parser.add_argument("--phrases", type=int, default=2, help="phrases per text: 2 ~140 B, 16 ~1.1 KB")
-    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--procs", type=int, nargs="*", default=[1, 2], help="none: build and reopen only")
     parser.add_argument("--verbs", nargs="+", default=["precompute", "train"])
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument(
