@@ -133,7 +133,7 @@ def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print, *, cach
             path, manifest, temp = _prepare(data_cfg, cache_dir, log)
             outcome[0] = ("ok", (str(path), manifest))
         except UserError as exc:
-            outcome[0] = ("user_error", str(exc))
+            outcome[0] = ("user_error", exc)
         except BaseException as exc:
             outcome[0] = ("crash", f"{type(exc).__name__}: {exc}")
             dist.broadcast_object_list(outcome, src=0, group=group)
@@ -141,7 +141,7 @@ def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print, *, cach
     dist.broadcast_object_list(outcome, src=0, group=group)
     kind, value = outcome[0]
     if kind == "user_error":
-        raise UserError(value)
+        raise value
     if kind == "crash":
         raise RuntimeError(f"building the corpus table failed on rank 0: {value}")
     path, manifest = Path(value[0]), value[1]
