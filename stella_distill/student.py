@@ -255,22 +255,36 @@ class StudentModel(nn.Module):
         )
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors."""
-        batch = self.tokenizer(
-            with_prompt(list(texts), self.prompt),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return dict(batch)
+        """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors.
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32 (float64 for a float64 model)."""
+        A batch in which no text is padded comes without ``attention_mask``: with a mask, transformers
+        keeps SDPA off its flash kernel (and copies key/value heads for grouped-query attention), and
+        an all-ones mask changes nothing else.
+        """
+        batch = dict(
+            self.tokenizer(
+                with_prompt(list(texts), self.prompt),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+        )
+        if bool(batch["attention_mask"].all()):  # CPU tensors: no device sync
+            del batch["attention_mask"]
+        return batch
+
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra
+    ) -> torch.Tensor:
+        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32 (float64 for a float64 model).
+
+        ``attention_mask`` None means no text is padded."""
         if self._no_cache:
             extra.setdefault("use_cache", False)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = pool(out.last_hidden_state, mask, self.pooling)
         return pooled if pooled.dtype == torch.float64 else pooled.float()
 
     def heads(self, pooled: torch.Tensor, mrl: bool = True) -> dict[int, torch.Tensor]:
@@ -301,7 +315,7 @@ class StudentModel(nn.Module):
         return dict(zip(dims, outputs))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mrl: bool = True, **extra
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, mrl: bool = True, **extra
     ) -> tuple[torch.Tensor, ...]:
         """``heads(embed(input_ids, attention_mask, **extra), mrl)`` as a tuple in ``output_dims(mrl)`` order.
 

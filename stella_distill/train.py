@@ -33,6 +33,7 @@ from stella_distill.distributed import (
     shards_parameters,
 )
 from stella_distill.errors import UserError
+from stella_distill.packed import to_device
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
 
@@ -329,12 +330,13 @@ def run_stage(
             rows = next(batches)
             local = rows[rank * stage.batch_size : (rank + 1) * stage.batch_size]
             features = student.tokenize([corpus.texts[i] for i in local])
-            window.tokens += int(features["attention_mask"].sum()) * world  # a CPU tensor: no device sync
-            features = {k: _to_device(v, accelerator.device) for k, v in features.items()}
+            mask = features.get("attention_mask")  # CPU tensors: counting costs no device sync
+            window.tokens += int(mask.sum() if mask is not None else features["input_ids"].numel()) * world
+            features = {k: to_device(v, accelerator.device) for k, v in features.items()}
             target = torch.from_numpy(
                 build_target(caches, rows if cfg.train.gather_across_devices else local)
             )
-            target = _to_device(target, accelerator.device)
+            target = to_device(target, accelerator.device)
             last = micro == stage.grad_accumulation - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
@@ -471,15 +473,6 @@ class _Window:
 
     def close(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without stalling the host: a pageable copy waits for the GPU's queue to drain,
-    a pinned one is queued behind the running step (the caching host allocator keeps the buffer until
-    the copy is done)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _read_step(sums, finite, params, grad_norm, accelerator, steps: int) -> dict[str, float]:

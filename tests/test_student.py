@@ -399,6 +399,20 @@ def test_tokenize_applies_prompt_and_max_length(tiny_bert):
     assert long["input_ids"].shape[1] == max(len(tok(t)["input_ids"]) for t in TEXTS)
 
 
+@pytest.mark.parametrize("which", ["bert", "qwen2"])
+def test_a_batch_without_padding_runs_without_a_mask_and_gives_the_same_vectors(which, tiny_bert, tiny_qwen2):
+    model = student({"bert": tiny_bert, "qwen2": tiny_qwen2}[which], pooling="mean", max_length=4)
+    long_texts = [TEXTS[0], TEXTS[2]]
+    batch = model.tokenize(long_texts)  # both texts cut to 4 tokens: nothing padded
+    assert set(batch) - {"token_type_ids"} == {"input_ids"} and batch["input_ids"].shape == (2, 4)
+    with torch.no_grad():
+        without = model(**batch)
+        with_mask = model(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    for a, b in zip(without, with_mask):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert "attention_mask" in model.tokenize(["war and peace", "fish"])  # padded: the mask stays
+
+
 def test_qwen2_last_token_left_padding_matches_alone(tiny_qwen2):
     model = student(tiny_qwen2, pooling="last_token", target_dim=24, dims=[8])
     assert model.tokenizer.padding_side == "left"
