@@ -5,10 +5,11 @@ ZeRO-3 registers hooks on every submodule (deepspeed 0.19.8, ``runtime/zero/para
 tensors to find parameters returned from a module (a dict output is read as ``name.startswith('__')``
 over its keys, anything else that is not a list, tuple or tensor through ``vars()``), and the
 pre-backward hook rebuilds the output around every tensor with ``apply_to_tensors_only``
-(``runtime/zero/utils.py``). DeepSpeed cannot run on a CPU, so this test rebuilds both walks from that
-source and runs them as real forward hooks on every module of real students; the first GPU run of the
-trainer under ZeRO-3 crashed in the first walk (``'int' object has no attribute 'startswith'``) while
-the student returned a dict keyed by int dims.
+(``runtime/zero/utils.py``). DeepSpeed is not installed for the test suite (an optional extra), so these
+tests rebuild both walks from that source and run them as real forward hooks on every module of real
+students; the first GPU run of the trainer under ZeRO-3 crashed in the first walk (``'int' object has
+no attribute 'startswith'``) while the student returned a dict keyed by int dims. Where DeepSpeed is
+installed, the last test also trains the student under the real ZeRO-3 engine on CPU.
 """
 
 from __future__ import annotations
@@ -126,3 +127,50 @@ def test_a_dict_keyed_by_int_dims_is_what_broke_zero3():
     with pytest.raises(AttributeError, match="'int' object has no attribute 'startswith'"):
         zero3_output_tensors({1152: torch.zeros(2, 1152), 256: torch.zeros(2, 256)})
     assert len(zero3_output_tensors((torch.zeros(2, 4), torch.zeros(2, 2)))) == 2
+
+
+_ENGINE_RUN = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import torch, deepspeed
+from stella_distill.config import MRLConfig, StudentConfig
+from stella_distill.student import StudentModel
+
+torch.manual_seed(0)
+cfg = StudentConfig(model=sys.argv[1], pooling="mean", mrl=MRLConfig(mode="heads", dims=[16, 8]))
+student = StudentModel.from_config(cfg, target_dim=24, max_length=32)
+student.set_trainable("all")
+deepspeed.init_distributed(dist_backend="gloo")
+config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
+batch = student.tokenize(["the cat sat on the house", "war and peace", "a horse came back", "fish"])
+losses = []
+for _ in range(3):
+    out = engine(**batch)
+    loss = sum((v.float() ** 2).mean() for v in student.by_dim(out).values())
+    engine.backward(loss)
+    engine.step()
+    losses.append(float(loss))
+print("losses", losses)
+"""
+
+
+def test_the_student_trains_under_a_real_deepspeed_zero3_engine_on_cpu(tiny_qwen2, tmp_path):
+    """Where DeepSpeed is installed (``pip install -e .[deepspeed]``): ZeRO-3 with its CPU accelerator
+    and gloo, one process, three steps of the real engine over the real student."""
+    pytest.importorskip("deepspeed")
+    import os
+    import random
+    import subprocess
+    import sys
+
+    script = tmp_path / "engine.py"
+    script.write_text(_ENGINE_RUN)
+    port = str(random.Random(os.getpid()).randrange(20000, 40000))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_qwen2), port], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(x) for x in proc.stdout.split("losses", 1)[1].strip(" []\n").split(",")]
+    assert len(losses) == 3 and losses[2] < losses[0]
