@@ -148,7 +148,13 @@ def experiment(root: Path, models: dict[str, Path], corpus: Path, tiny: bool) ->
             },
             {"name": "all_mrl", "trainable": "all", "steps": steps[2], "lr": 1e-4, "mrl": True, **stage},
         ],  # fmt: skip
-        "train": {"checkpoint_every": 0, "keep_checkpoints": 1, "log_every": 1, "eval_every": 0},
+        # rows every 5 steps: a row is the trainer's one device read, and per-step reads would hide its absence
+        "train": {
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "log_every": 1 if tiny else 5,
+            "eval_every": 0,
+        },
         "export": {"default_dim": dims[0]},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
         "evaluate": {"sts": [str(ROOT / "data" / "stsbenchmark" / "sts-dev.csv")], "baseline": False},
@@ -193,7 +199,7 @@ class Runner:
 
 
 def run_summary(run: Path) -> dict:
-    """Per stage: steps, first/last loss, median samples/s and tokens/s, peak GPU memory."""
+    """Per stage: steps, metrics rows, first/last loss, median samples/s and tokens/s, peak GPU memory."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -201,9 +207,10 @@ def run_summary(run: Path) -> dict:
     out: dict = {"world_size": sorted({r["world_size"] for r in rows if "world_size" in r})}
     for stage in dict.fromkeys(r["stage"] for r in rows if "loss" in r):
         steps = [r for r in rows if r.get("stage") == stage and "loss" in r]
-        timed = steps[2:] or steps  # the first steps include compilation and allocator warm-up
+        timed = steps[1:] or steps  # the first row's window holds compilation and allocator warm-up
         out[stage] = {
-            "steps": len(steps),
+            "steps": steps[-1].get("stage_step"),
+            "rows": len(steps),
             "first_loss": round(steps[0]["loss"], 4),
             "last_loss": round(steps[-1]["loss"], 4),
             "samples_per_s": round(statistics.median(r["samples_per_s"] for r in timed), 1),
