@@ -257,7 +257,9 @@ class TeacherEncoder:
         self.truncated = 0
         try:
             packed = self._forward(probe, packed=True)
-        except RuntimeError as exc:  # e.g. a flash kernel this GPU or torch build does not have
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # e.g. a flash kernel this GPU or torch build lacks, or a transformers version that still
+            # builds a mask for a custom attention implementation (packed_attention refuses one)
             packed, why = None, f"it failed: {first_line(exc)[:200]}"
         self.model.set_attn_implementation("sdpa")
         padded = self._forward(probe, packed=False)

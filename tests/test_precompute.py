@@ -188,6 +188,25 @@ def test_packing_that_disagrees_with_padding_is_dropped_with_a_line(tiny_qwen2, 
     )
 
 
+def test_packing_that_fails_is_dropped_with_a_line(tiny_bert, monkeypatch):
+    from transformers import AttentionInterface
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "stella_packed", no_kernel)
+    monkeypatch.setattr("stella_distill.packed.register", lambda: None)  # keep the failing kernel
+    lines = []
+    teacher = TeacherConfig(name="t", model=str(tiny_bert), pooling="cls")
+    encoder = TeacherEncoder(teacher, max_length=32, packed=True, log=lines.append)
+    assert not encoder.packed and encoder.model.config._attn_implementation == "sdpa"
+    assert lines == [
+        "teachers.0: padding-free (packed) attention not used for BertModel: it failed: "
+        "FlashAttention only supports Ampere GPUs or newer."
+    ]
+    assert encoder.encode(["war and peace"]).shape == (1, 32)
+
+
 def test_prefetched_tokens_are_used_for_the_same_texts_only(tiny_bert, texts):
     encoder = TeacherEncoder(TeacherConfig(name="t", model=str(tiny_bert)), max_length=32)
     corpus = corpus_texts(texts, 12)
