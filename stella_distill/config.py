@@ -189,7 +189,11 @@ class TrainConfig:
     gather_across_devices: bool = _f(True, doc="compute in-batch losses over the global batch under DDP")
     embedding_chunk_size: int | None = _f(None, doc="GradCache chunk size (texts per forward with grad)")
     eval_every: int = _f(0, doc="evaluate fidelity on held-out rows every N steps (0: stage ends only)")
-    log_every: int = _f(10, doc="write a metrics row every N optimizer steps")
+    log_every: int = _f(
+        10,
+        doc="write a metrics row every N optimizer steps (losses averaged over them); also where the trainer "
+        "reads the device (one sync) and stops on a non-finite loss or weight",
+    )
 
 
 @dataclass

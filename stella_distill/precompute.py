@@ -12,8 +12,10 @@ Uses data, pooling and cache; never the trainer.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from stella_distill.cache import CacheBuild, cache_folder
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.distributed import on_main
-from stella_distill.errors import UserError
+from stella_distill.errors import UserError, first_line
+from stella_distill.packed import PACKED_ATTENTION, pack, pool_packed, to_device, use_packed_attention
 from stella_distill.pooling import (
     DTYPES,
     load_backbone,
@@ -56,9 +59,10 @@ def length_batches(
 
 
 # Measured with all-MiniLM-L6-v2 on a 2-core CPU: 1k-2k token batches run about 1.4x faster per
-# token than 16k-token ones (activations stay in cache), while GPUs want the large ones.
+# token than 16k-token ones (activations stay in cache), while GPUs want the large ones; packed
+# batches carry no padding, so on a GPU short texts fill a batch of up to 1,024.
 CPU_BATCH_TOKENS, CPU_MAX_BATCH_SIZE = 1024, 64
-GPU_BATCH_TOKENS, GPU_MAX_BATCH_SIZE = 16384, 256
+GPU_BATCH_TOKENS, GPU_MAX_BATCH_SIZE = 32768, 1024
 
 
 def batch_limits(teacher: TeacherConfig, device: torch.device) -> tuple[int, int]:
@@ -80,6 +84,11 @@ class TeacherEncoder:
     SDPA attention; the configured dtype, loaded natively, not autocast) and applies the
     prompt, truncation to ``max_length``, pooling and optional L2 normalisation. Errors name
     ``field`` (default ``teachers.<index>``), the config path of this teacher.
+
+    ``packed``: run each batch padding-free (``stella_distill.packed``: no attention mask, the flash
+    kernel on a GPU). Default: on a GPU with bf16/fp16 weights, for models that use transformers'
+    attention interface. A packed model is checked against a plain padded forward on a few probe
+    texts when it is loaded; if they disagree it stays padded, and says so.
     """
 
     def __init__(
@@ -91,6 +100,7 @@ class TeacherEncoder:
         field: str | None = None,
         device: str | torch.device | None = None,
         log: Callable[[str], Any] = print,
+        packed: bool | None = None,
     ):
         self.teacher = teacher
         self.field = field or f"teachers.{index}"  # the config path that errors name
@@ -130,6 +140,13 @@ class TeacherEncoder:
         self.batch_tokens, self.max_batch_size = batch_limits(teacher, self.device)
         self._dim: int | None = None
         self.truncated = 0  # texts longer than max_length tokens, cut by tokenize()
+        self._ahead: tuple[object, Future] | None = None
+        self._token_type_ids = "token_type_ids" in inspect.signature(self.model.forward).parameters
+        if packed is None:
+            packed = self.device.type == "cuda" and DTYPES[teacher.dtype] in (torch.bfloat16, torch.float16)
+        self.packed = bool(packed) and use_packed_attention(self.model)
+        if self.packed:
+            self._check_packing(log)
 
     @property
     def dim(self) -> int:
@@ -161,46 +178,62 @@ class TeacherEncoder:
             self.truncated += len(cut)
         return ids
 
+    def prefetch(self, texts: list[str]) -> None:
+        """Tokenize ``texts`` in a background thread while the device works on the current ones; the
+        next ``encode`` of this same list object uses the result (GPU only: on a CPU the tokenizer
+        would compete with the model for the same cores)."""
+        if self.device.type != "cuda":
+            return
+        self._ahead = (texts, _TOKENIZER_THREAD.submit(self.tokenize, list(texts)))
+
     def encode(self, texts: list[str], progress: Callable[[int], Any] | None = None) -> np.ndarray:
         """Encode ``texts`` into float32 ``(len(texts), dim)``, rows in input order.
 
         Texts are tokenized once, sorted by token length and cut into batches under the token
-        budget (``batch_limits``), so little compute goes to padding. The batching depends only on ``texts``, which makes the output deterministic.
+        budget (``batch_limits``), so little compute goes to padding. The batching depends only on
+        ``texts``, which makes the output deterministic. On a GPU the host never waits inside the
+        loop: inputs go up from pinned memory, vectors come back into one pinned buffer with
+        asynchronous copies, and the one synchronisation is at the end.
         """
-        ids = self.tokenize(list(texts))
+        if self._ahead is not None and self._ahead[0] is texts:
+            ids = self._ahead[1].result()
+        else:
+            ids = self.tokenize(list(texts))
+        self._ahead = None
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
-        out: np.ndarray | None = None
+        staged: torch.Tensor | None = None  # vectors in sorted order, on the host
         for start, stop in length_batches(lengths[order], self.batch_tokens, self.max_batch_size):
-            rows = order[start:stop]
-            vectors = self._forward([ids[i] for i in rows])
-            if out is None:
-                out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)
-            out[rows] = vectors
+            vectors = self._forward([ids[i] for i in order[start:stop]])
+            if staged is None:
+                pinned = self.device.type == "cuda"
+                staged = torch.empty((len(ids), vectors.shape[1]), dtype=torch.float32, pin_memory=pinned)
+            staged[start:stop].copy_(vectors, non_blocking=True)
             if progress is not None:
-                progress(len(rows))
-        if out is None:
+                progress(stop - start)
+        if staged is None:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        out = np.empty(tuple(staged.shape), dtype=np.float32)
+        out[order] = staged.numpy()
         self._dim = out.shape[1]
         return out
 
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        longest = max(len(x) for x in batch)
-        input_ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for r, seq in enumerate(batch):
-            if self.left_padding:
-                input_ids[r, longest - len(seq) :] = seq
-                mask[r, longest - len(seq) :] = 1
-            else:
-                input_ids[r, : len(seq)] = seq
-                mask[r, : len(seq)] = 1
-        input_ids_t = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+    def _forward(self, batch: list[list[int]], packed: bool | None = None) -> torch.Tensor:
+        """Pooled (+ Dense, + normalised) float32 vectors of one batch, left on the device."""
         with torch.inference_mode():
-            output = self.model(input_ids=input_ids_t, attention_mask=mask_t)
-            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            pooled = pool(hidden, mask_t, self.teacher.pooling).float()
+            if self.packed if packed is None else packed:
+                inputs = pack(batch, self.device)
+                extra = {"token_type_ids": torch.zeros_like(inputs.inputs["input_ids"])}
+                output = self.model(**inputs.inputs, **(extra if self._token_type_ids else {}))
+                hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                pooled = pool_packed(hidden, inputs, self.teacher.pooling).float()
+            else:
+                input_ids, mask = self._padded(batch)
+                output = self.model(input_ids=input_ids, attention_mask=mask)
+                hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                pooled = pool(hidden, mask, self.teacher.pooling).float()
             if self.dense is not None:
                 if pooled.shape[1] != self.dense.in_features:
                     raise UserError(
@@ -210,7 +243,53 @@ class TeacherEncoder:
                 pooled = self.dense(pooled)
             if self.teacher.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled.cpu().numpy()
+        return pooled
+
+    def _padded(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of a padded batch, on the device (filled without a
+        Python loop: the mask's True cells, row by row, take the texts' ids in order)."""
+        lengths = np.fromiter((len(x) for x in batch), dtype=np.int64, count=len(batch))
+        longest = int(lengths.max())
+        cols = np.arange(longest)
+        real = cols >= longest - lengths[:, None] if self.left_padding else cols < lengths[:, None]
+        input_ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
+        input_ids[real] = np.concatenate([np.asarray(x, dtype=np.int64) for x in batch])
+        return (
+            to_device(torch.from_numpy(input_ids), self.device),
+            to_device(torch.from_numpy(real.astype(np.int64)), self.device),
+        )
+
+    def _check_packing(self, log: Callable[[str], Any]) -> None:
+        """Compare packed and padded vectors on probe texts of different lengths; stay padded if they
+        differ (an architecture whose attention packing does not reach, e.g. relative position biases)."""
+        probe = self.tokenize(_PROBE_TEXTS)
+        self.truncated = 0
+        try:
+            packed = self._forward(probe, packed=True)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # e.g. a flash kernel this GPU or torch build lacks, or a transformers version that still
+            # builds a mask for a custom attention implementation (packed_attention refuses one)
+            packed, why = None, f"it failed: {first_line(exc)[:200]}"
+        self.model.set_attn_implementation("sdpa")
+        padded = self._forward(probe, packed=False)
+        if packed is not None:
+            cosine = float(torch.nn.functional.cosine_similarity(packed.float(), padded.float()).min())
+            if cosine >= PACKED_MIN_COSINE:
+                self.model.set_attn_implementation(PACKED_ATTENTION)
+                return
+            why = f"it gives other vectors than a padded forward (min cosine {cosine:.4f})"
+        self.packed = False
+        log(f"{self.field}: padding-free (packed) attention not used for {type(self.model).__name__}: {why}")
+
+
+# Packed and padded forwards differ only by rounding (bf16: ~1e-3 relative).
+PACKED_MIN_COSINE = 0.995
+_PROBE_TEXTS = [
+    "A short probe.",
+    "A somewhat longer probe text, so that the packed texts differ in length and padding shows.",
+    "Three.",
+]
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stella-tokenize")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +356,13 @@ def _precompute_teacher(
             total=sum(bounds[i][1] - bounds[i][0] for i in mine), desc=f"{teacher.name}{who}", unit="text"
         )
     started = time.perf_counter()
-    for i in mine:
-        start, stop = bounds[i]
-        vectors = encoder.encode(corpus.texts[start:stop], progress=bar.update if bar is not None else None)
+    upcoming = None
+    for j, i in enumerate(mine):
+        texts = upcoming if upcoming is not None else corpus.texts[slice(*bounds[i])]
+        upcoming = corpus.texts[slice(*bounds[mine[j + 1]])] if j + 1 < len(mine) else None
+        if upcoming is not None:
+            encoder.prefetch(upcoming)  # tokenized while this shard is on the device
+        vectors = encoder.encode(texts, progress=bar.update if bar is not None else None)
         build.write_shard(i, vectors)
     if bar is not None:
         bar.close()
