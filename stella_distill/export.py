@@ -38,9 +38,12 @@ import torch
 from stella_distill import card
 from stella_distill.errors import UserError, write_failure
 from stella_distill.hub import is_hub_id
+from stella_distill.logs import get_logger
 from stella_distill.run import Source, consolidate_state_dict, find_source
 from stella_distill.student import StudentModel
 from stella_distill.tables import read_json
+
+logger = get_logger(__name__)
 
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -488,7 +491,7 @@ def push_to_hub(
             f"--push-to-hub {repo_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         ) from None
     url = getattr(info, "commit_url", None) or str(info)
-    print(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
+    logger.info(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
     return url
 
 
@@ -540,11 +543,11 @@ def export_run(
     if verify:
         worst = verify_export(out, student)
         checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
-        print(
+        logger.info(
             f"export: {out} reloads with sentence-transformers (min cosine to the student per dim: {checked})"
         )
     layout = read_layout(out)
-    print(
+    logger.info(
         f"export: wrote {out} from {source.label}; dims {layout.dims}, default {layout.default_dim} ({layout.mode})"
     )
     if repo_id and push:

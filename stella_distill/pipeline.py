@@ -20,9 +20,12 @@ from stella_distill.config import ExperimentConfig, MRLConfig
 from stella_distill.distributed import leave_process_group
 from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
 from stella_distill.export import export_run, push_to_hub, write_card
+from stella_distill.logs import get_logger
 from stella_distill.precompute import TeacherEncoder, run_precompute
 from stella_distill.student import StudentModel
 from stella_distill.train import train
+
+logger = get_logger(__name__)
 
 
 class _Lookup:
@@ -78,7 +81,7 @@ def run_all(cfg: ExperimentConfig) -> dict:
 
     t = time.perf_counter()
     if run.training_complete(cfg, run_dir):
-        print(f"run: training already complete ({run_dir / run.FINAL})")
+        logger.info(f"run: training already complete ({run_dir / run.FINAL})")
     else:
         train(cfg)
     timings["train_s"] = time.perf_counter() - t
@@ -103,7 +106,7 @@ def run_all(cfg: ExperimentConfig) -> dict:
     fresh = fresh and (export_dir / "modules.json").stat().st_mtime >= final.stat().st_mtime
     fresh = fresh and eval_file.is_file()
     if fresh:
-        print(f"run: export and evaluation already complete ({export_dir})")
+        logger.info(f"run: export and evaluation already complete ({export_dir})")
         results = json.loads(eval_file.read_text())
     else:
         t = time.perf_counter()
@@ -134,14 +137,14 @@ def print_report(run_dir: Path) -> None:
         return
     results = json.loads(eval_file.read_text())
     baseline = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    print(f"\nreport for {run_dir}")
+    logger.info(f"\nreport for {run_dir}")
     for dim, metrics in sorted(results.get("dims", {}).items(), key=lambda kv: -int(kv[0])):
         cells = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        print(f"  dim {dim}: {cells}")
+        logger.info(f"  dim {dim}: {cells}")
     for name, scores in baseline.items():
         cells = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-        print(f"  before training, {name}: {cells}")
+        logger.info(f"  before training, {name}: {cells}")
     timings = run_dir / run.TIMINGS_FILE
     if timings.is_file():
         t = json.loads(timings.read_text())
-        print("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))
+        logger.info("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))

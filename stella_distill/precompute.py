@@ -20,11 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from stella_distill import logs
 from stella_distill.cache import CacheBuild, CacheError, cache_folder
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
 from stella_distill.pooling import DTYPES, load_backbone, load_dense, load_tokenizer, pool, with_prompt
+
+logger = get_logger(__name__)
 
 
 def length_batches(
@@ -81,7 +85,7 @@ class TeacherEncoder:
         index: int = 0,
         field: str | None = None,
         device: str | torch.device | None = None,
-        log: Callable[[str], Any] = print,
+        log: Callable[[str], Any] = logger.warning,
     ):
         self.teacher = teacher
         self.field = field or f"teachers.{index}"  # the config path that errors name
@@ -253,7 +257,7 @@ def run_precompute(cfg: ExperimentConfig) -> list[Path]:
     # A plain PartialState on a CPU machine under --multi_gpu gives N processes that each think
     # they are alone (shared/NOTES.md); cpu=True makes them one gloo group.
     state = PartialState(cpu=not torch.cuda.is_available())
-    log = print if state.is_main_process else _quiet
+    log = logger.info if state.is_main_process else _quiet
     log(
         f"precompute: world_size={state.num_processes} rank={state.process_index} "
         f"({state.distributed_type}), device {state.device}"
@@ -280,16 +284,17 @@ def _precompute_teacher(
     if build.skip:
         log(f"teacher {teacher.name}: cache at {folder} is complete and matches; nothing to do")
         return folder
-    if state.device.type == "cpu" and teacher.dtype != "float32":
-        log(f"teachers.{index}.dtype: {teacher.dtype} on CPU is slow; float32 is the CPU setting")
-    encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=log)
+    if state.device.type == "cpu" and teacher.dtype != "float32" and state.is_main_process:
+        logger.warning(f"teachers.{index}.dtype: {teacher.dtype} on CPU is slow; float32 is the CPU setting")
+    warn = logger.warning if state.is_main_process else _quiet
+    encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=warn)
     dim = encoder.dim
     encoder.truncated = 0  # count corpus texts only, not the dim probe
     todo = _on_main(state, lambda: build.start(dim, corpus.row_hashes))
     bounds = build.bounds()
     mine = [i for i in todo if i % state.num_processes == state.process_index]
     bar = None
-    if state.is_main_process and cfg.logging.progress:
+    if state.is_main_process and cfg.logging.progress and logs.show_progress():
         from tqdm.auto import tqdm
 
         who = f" (rank 0 of {state.num_processes})" if state.num_processes > 1 else ""
@@ -310,7 +315,7 @@ def _precompute_teacher(
     invalid = manifest["invalid_rows"]
     if invalid:
         shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
-        log(
+        warn(
             f"{build.label}: {len(invalid)} rows gave NaN/inf vectors (rows {shown}); stored as zeros and "
             f"listed in manifest invalid_rows (valid_mask excludes them)"
         )

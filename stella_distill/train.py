@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stella_distill import losses, run
+from stella_distill import logs, losses, run
 from stella_distill.cache import TeacherCache, build_target, open_caches
 from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows
@@ -33,8 +33,11 @@ from stella_distill.distributed import (
     shards_parameters,
 )
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
+
+logger = get_logger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -172,21 +175,27 @@ def _scheduler(optimizer, stage: StageConfig, steps: int):
     )
 
 
-def train(cfg: ExperimentConfig) -> Path:
-    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder."""
+def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
+    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder.
+
+    Scalars go to ``metrics.jsonl`` and to the trackers of ``logging.report_to``; ``trackers`` adds
+    accelerate ``GeneralTracker`` objects of your own.
+    """
     if not cfg.stages:
         raise UserError("stages: no training stages configured")
-    accelerator = make_accelerator()
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(run.trackers(cfg) + list(trackers), str(run_dir / run.LOGS))
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
-    run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         with run.writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / run.CONFIG_FILE)
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
-    corpus: Corpus = load_corpus(cfg.data, log=print if accelerator.is_main_process else (lambda *a: None))
+    corpus: Corpus = load_corpus(
+        cfg.data, log=logger.info if accelerator.is_main_process else (lambda *a: None)
+    )
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
@@ -217,9 +226,9 @@ def train(cfg: ExperimentConfig) -> Path:
     resume_from, pos = run.resume_point(cfg, run_dir)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
-    log = run.MetricsLog(cfg, run_dir, accelerator.is_main_process)
+    log = run.MetricsLog(cfg, run_dir, accelerator)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"train: {len(train_rows)} training rows, {len(eval_rows)} held out, target dim {target_dim}, "
             f"world_size={world}, device={accelerator.device}"
             + (f", resuming from {resume_from}" if resume_from else "")
@@ -252,7 +261,7 @@ def train(cfg: ExperimentConfig) -> Path:
             pos.global_step,
             lambda folder: student.save_pretrained(folder, state_dict=state_dict),
         )
-        print(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
+        logger.info(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
     accelerator.wait_for_everyone()
     log.close()
     return run_dir
@@ -306,7 +315,7 @@ def run_stage(
     for _ in range(start_step * stage.grad_accumulation):  # data position: skip what the checkpoint consumed
         next(batches)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"stage {stage_index} '{stage.name}': {stage.trainable}, {len(trainable)} trainable tensors, "
             f"{steps} steps, global batch {global_batch} x {stage.grad_accumulation}, lr {stage.lr}"
         )
@@ -484,7 +493,7 @@ def _autocast(stage: StageConfig, accelerator):
 def _progress(cfg, accelerator, total, initial, name):
     from tqdm.auto import tqdm
 
-    disable = not (cfg.logging.progress and accelerator.is_main_process)
+    disable = not (cfg.logging.progress and accelerator.is_main_process and logs.show_progress())
     return tqdm(total=total, initial=initial, desc=f"stage {name}", disable=disable, dynamic_ncols=True)
 
 
