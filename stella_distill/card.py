@@ -81,11 +81,16 @@ def collect(
     repo_id: str | None = None,
     source: str | None = None,
     license: str | None = None,
+    model_ref: str | None = None,
 ) -> CardData:
-    """The card's facts: ``layout`` (what the folder offers), the run's config, metrics and evaluation."""
+    """The card's facts: ``layout`` (what the folder offers), the run's config, metrics and evaluation.
+
+    ``model_ref`` is what the card's snippets load: by default the Hub repo, else ``folder``.
+    """
+    ref = model_ref or repo_id or str(folder)
     return CardData(
-        name=repo_id or (cfg.name if cfg is not None else Path(folder).name),
-        model_ref=repo_id or str(folder),
+        name=repo_id or (cfg.name if cfg is not None else Path(ref).name),
+        model_ref=ref,
         repo_id=repo_id,
         layout=layout,
         cfg=cfg,
@@ -186,7 +191,7 @@ def _teachers(data: CardData) -> list[str]:
     for t in cfg.teachers:
         prompt = f"`{_md_escape(t.prompt)}`" if t.prompt else "(none)"
         revision = f" @ {t.revision}" if t.revision else ""
-        dense = f" + `{t.dense}`" if t.dense else ""
+        dense = "".join(f" + `{d}`" for d in ([t.dense] if isinstance(t.dense, str) else t.dense or []))
         lines.append(
             f"| {t.name} | `{t.model}`{revision} | {t.pooling}{dense} | {prompt} | {cfg.teacher_max_length(t)} |"
         )

@@ -150,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
             leave_process_group()
         return code
     except UserError as exc:
-        print(f"stella-distill {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"stella-distill {args.verb}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # A path the user gave that the system refuses (a name too long, a folder that is a file, no
+        # permission ...), reached somewhere no more specific check caught it.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        reason = exc.strerror or first_line(exc)
+        print(f"stella-distill {args.verb}: error: {one_line(where + reason)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"stella-distill {args.verb}: interrupted; finished work is kept", file=sys.stderr)
@@ -168,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+MAX_MESSAGE = 1000  # characters of an error line: a message quoting user input is cut, never unbounded
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line of at most ``MAX_MESSAGE`` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 30] + f" ... ({len(text)} characters)"
 
 
 PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "connection refused")

@@ -15,19 +15,16 @@ import dataclasses
 import hashlib
 import json
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from stella_distill.errors import UserError
+from stella_distill.configfile import apply_override, build, read_yaml, show
+from stella_distill.errors import ConfigError
 
-
-class ConfigError(UserError, ValueError):
-    """A user mistake in a config file or override; the message names the field."""
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "from_dict", "dump_config", "read_yaml"]
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -> Any:
@@ -100,7 +97,9 @@ class TeacherConfig:
     )
     max_length: int | None = _f(None, doc="max tokens for this teacher (default: data.max_length)")
     dtype: DType = _f("float32", doc="compute dtype of the teacher forward pass")
-    normalize: bool = _f(True, doc="L2-normalise vectors before they are cached (the target normalises anyway)")
+    normalize: bool = _f(
+        True, doc="L2-normalise vectors before they are cached (the target normalises anyway)"
+    )
     dense: str | list[str] | None = _f(
         None,
         doc="sentence-transformers Dense module(s) applied after pooling: subfolders of the model or local "
@@ -294,151 +293,6 @@ class ExperimentConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversion from plain YAML data to the typed classes.
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path}: expected {_type_name(tp)}; got null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(f"{path}: expected {_type_name(tp)}; got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list; got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping; got {value!r}")
-        key_tp, val_tp = typing.get_args(tp)
-        return {_convert(k, key_tp, f"{path}"): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if value is None:
-        raise ConfigError(f"{path}: expected {_type_name(tp)}; got null")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false; got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer; got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number; got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string; got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {path}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    prefix = f"{path}." if path else ""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping; got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            known = ", ".join(fields)
-            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required field is missing")
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Overrides
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply one ``a.b.0.c=value`` override to the raw YAML data in place (value parsed as YAML)."""
-    if "=" not in override:
-        raise ConfigError(f"{override}: an override must look like key.path=value")
-    key, raw = override.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"{override}: an override must look like key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{where}: no such list element (list has {len(node)} items)")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise ConfigError(f"{where}: cannot set a field inside {node!r}")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{key}: no such list element (list has {len(node)} items)")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{key}: cannot set a field inside {node!r}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Cross-field checks
 
 
@@ -446,45 +300,104 @@ def _positive(value: float | int | None, path: str, allow_zero: bool = False) ->
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}; got {show(value)}")
+
+
+MAX_SEED = 2**32 - 1  # numpy's and every framework's seed range
+MAX_NAME_BYTES = 255  # the longest file name Linux and macOS file systems take
+# Folders and files of a run folder; a teacher's cache folder must not be one of them.
+RUN_FOLDER_NAMES = ("checkpoints", "final", "export", "config.yaml", "metrics.jsonl")
+
+
+def _path(value: str | None, path: str) -> None:
+    """A path the user gave: not blank, and no component longer than a file system takes."""
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError(f"{path}: must not be empty")
+    for part in Path(value).parts:
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ConfigError(
+                f"{path}: the name {show(part)} is {len(part.encode('utf-8'))} bytes; file systems take "
+                f"at most {MAX_NAME_BYTES}"
+            )
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_folders(cfg: ExperimentConfig) -> None:
+    """The run folder and the teacher caches must not overlap: one would overwrite the other."""
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
+    cache_dir = Path(cfg.cache_dir).expanduser().resolve()
+    if run_dir == cache_dir:
+        raise ConfigError(
+            f"cache_dir: is output_dir ({cfg.output_dir}); the run folder (checkpoints, final, export) and the "
+            f"teacher caches need folders of their own"
+        )
+    for i, t in enumerate(cfg.teachers):
+        folder = cache_dir / t.name
+        if _inside(run_dir, folder):
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} lies inside the cache of teachers.{i} ({folder})"
+            )
+        if any(_inside(folder, run_dir / name) for name in RUN_FOLDER_NAMES):
+            raise ConfigError(
+                f"teachers.{i}.name: its cache folder {folder} would be part of the run folder {cfg.output_dir}"
+            )
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cross-field checks that single-field typing cannot express."""
     if not cfg.name.strip():
         raise ConfigError("name: must not be empty")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed: must be in [0, {MAX_SEED}]; got {cfg.seed}")
+    _path(cfg.output_dir, "output_dir")
+    _path(cfg.cache_dir, "cache_dir")
+    _path(cfg.export.out_dir, "export.out_dir")
+    for i, p in enumerate(cfg.evaluate.sts):
+        _path(p, f"evaluate.sts.{i}")
+    for i, p in enumerate(cfg.evaluate.retrieval):
+        _path(p, f"evaluate.retrieval.{i}")
     _positive(cfg.data.limit, "data.limit")
     _positive(cfg.data.max_length, "data.max_length")
     _positive(cfg.data.eval_limit, "data.eval_limit")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1); got {cfg.data.eval_fraction!r}")
     for i, src in enumerate(cfg.data.train):
-        if not src.path.strip():
-            raise ConfigError(f"data.train.{i}.path: must not be empty")
+        _path(src.path, f"data.train.{i}.path")
         _positive(src.limit, f"data.train.{i}.limit")
     if not cfg.teachers:
         raise ConfigError("teachers: at least one teacher is required")
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
-        if not t.name.strip() or "/" in t.name or t.name in (".", ".."):
+        if not t.name.strip() or "/" in t.name or "\\" in t.name or t.name.startswith("."):
             raise ConfigError(
-                f"teachers.{i}.name: must be a non-empty folder name without '/'; got {t.name!r}"
+                f"teachers.{i}.name: must be a folder name without '/' that does not start with '.'; "
+                f"got {show(t.name)}"
             )
+        _path(t.name, f"teachers.{i}.name")
         if t.name in seen:
             raise ConfigError(
                 f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})"
             )
         seen[t.name] = i
-        if not t.model.strip():
-            raise ConfigError(f"teachers.{i}.model: must not be empty")
+        _path(t.model, f"teachers.{i}.model")
+        for j, dense in enumerate(t.dense if isinstance(t.dense, list) else [t.dense]):
+            _path(dense, f"teachers.{i}.dense" + (f".{j}" if isinstance(t.dense, list) else ""))
         _positive(t.max_length, f"teachers.{i}.max_length")
         _positive(t.batch_tokens, f"teachers.{i}.batch_tokens")
         _positive(t.max_batch_size, f"teachers.{i}.max_batch_size")
         _positive(t.shard_size, f"teachers.{i}.shard_size")
     st = cfg.student
     if st is not None:
+        _path(st.model, "student.model")
         if st.mrl.mode == "none" and cfg.export.default_dim not in (None, st.target_dim):
-            raise ConfigError("export.default_dim: student.mrl.mode is 'none': the full target dim is the only dim")
+            raise ConfigError(
+                "export.default_dim: student.mrl.mode is 'none': the full target dim is the only dim"
+            )
         if st.keep_layers is not None:
             if not st.keep_layers:
                 raise ConfigError("student.keep_layers: must list at least one layer (or be null)")
@@ -533,6 +446,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             _positive(v, f"{p}.loss_weights.{k}", allow_zero=True)
         for k, v in dataclasses.asdict(s.mrl_loss_weights).items():
             _positive(v, f"{p}.mrl_loss_weights.{k}", allow_zero=True)
+        if not any(dataclasses.asdict(s.loss_weights).values()) and not (
+            s.mrl and any(dataclasses.asdict(s.mrl_loss_weights).values())
+        ):
+            raise ConfigError(f"{p}.loss_weights: every loss weight is 0; the stage would train nothing")
         if s.mrl and (st is None or not st.mrl.dims):
             raise ConfigError(f"{p}.mrl: stage trains reduced dims but student.mrl.dims is empty")
     _positive(cfg.train.checkpoint_every, "train.checkpoint_every", allow_zero=True)
@@ -544,6 +461,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if len(set(cfg.logging.report_to)) != len(cfg.logging.report_to):
         raise ConfigError(f"logging.report_to: a tracker is listed twice in {cfg.logging.report_to}")
     ex = cfg.export
+    _positive(ex.default_dim, "export.default_dim")
     for what in ("sts", "query", "doc"):
         name = getattr(cfg.evaluate, f"{what}_prompt_name")
         if name is not None and name not in ex.prompts:
@@ -559,6 +477,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if ex.push_to_hub is not None and not HUB_REPO.fullmatch(ex.push_to_hub):
         raise ConfigError(f"export.push_to_hub: {ex.push_to_hub!r} is not a Hub repo id of the form org/name")
     check_dims(cfg, st.target_dim if st is not None else None)
+    _check_folders(cfg)
     most = cfg.data.limit
     if most is None and cfg.data.train and all(src.limit is not None for src in cfg.data.train):
         most = sum(src.limit for src in cfg.data.train)
@@ -605,9 +524,13 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     from stella_distill import model_files
 
     files = [
-        model_files.read_model_files(t.model, t.revision, f"teachers.{i}.model") for i, t in enumerate(cfg.teachers)
+        model_files.read_model_files(t.model, t.revision, f"teachers.{i}.model")
+        for i, t in enumerate(cfg.teachers)
     ]
-    cfg.teachers = [model_files.resolve_teacher(t, i, f) for i, (t, f) in enumerate(zip(cfg.teachers, files))]
+    cfg.teachers = [
+        model_files.resolve_teacher(t, f"teachers.{i}", f)
+        for i, (t, f) in enumerate(zip(cfg.teachers, files))
+    ]
     model_files.check_models(cfg, files)
     return cfg
 
@@ -616,35 +539,10 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
 # Entry point
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; syntax errors name the file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of fields; got {type(data).__name__}")
-    return data
-
-
 def from_dict(data: dict, resolve_models: bool = True) -> ExperimentConfig:
     """Build and validate a config from plain data (as YAML would give); with ``resolve_models``, also
     fill and check it from the models' files (``resolve``)."""
-    cfg = validate(_build(ExperimentConfig, data, ""))
+    cfg = validate(build(ExperimentConfig, data, ""))
     return resolve(cfg) if resolve_models else cfg
 
 

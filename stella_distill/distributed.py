@@ -112,6 +112,21 @@ def deepspeed_stage_config(accelerator, stage: StageConfig) -> None:
     config["gradient_clipping"] = float(stage.max_grad_norm) if stage.max_grad_norm is not None else 0.0
 
 
+def check_stages(cfg: ExperimentConfig, accelerator) -> None:
+    """Refuse, before any stage trains, a stage this launcher cannot run (see ``check_precision``)."""
+    for i, stage in enumerate(cfg.stages):
+        if accelerator.distributed_type.value == "DEEPSPEED" and (
+            stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
+        ):
+            # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
+            # accumulation and GradCache call backward() several times per optimizer step.
+            raise UserError(
+                f"stages.{i}.grad_accumulation / train.embedding_chunk_size: not supported under "
+                f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
+            )
+        check_precision(stage, i, accelerator)
+
+
 def check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
     """fp16 needs loss scaling, which only the launcher's mixed precision (accelerate) provides; a
     launcher precision other than 'no' applies to every stage, whatever the stage says."""

@@ -9,6 +9,10 @@ class UserError(Exception):
     """
 
 
+class ConfigError(UserError, ValueError):
+    """A user mistake in a config file or override; the message names the field."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message (its type name when the message is empty): library errors
     often carry pages of detail, a one-line error needs the headline."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import torch
 
 from stella_distill import card
 from stella_distill.errors import UserError, write_failure
+from stella_distill.files import replace_folder
 from stella_distill.hub import is_hub_id
 from stella_distill.logs import get_logger
 from stella_distill.run import Source, consolidate_state_dict, find_source
@@ -165,21 +167,104 @@ def _versions() -> dict:
     }
 
 
+TMP_SUFFIX = ".stella-distill-tmp"
+OLD_SUFFIX = ".stella-distill-old"
+# Files commands of ours add to an export after it is written (evaluate, the card); not foreign.
+LATER_FILES = ("README.md", "loss_curve.png", "metrics_by_dim.png", "eval.json")
+LATER_FOLDERS = ("mteb",)
+
+
+def _files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Files in ``out`` that no export of ours wrote (all of them if ``out`` is not an export of ours)."""
+    have = _files_in(out)
+    try:
+        info = read_json(out / INFO_FILE) if (out / INFO_FILE).is_file() else {}
+    except UserError:
+        info = {}
+    ours = set(info.get("files") or []) if isinstance(info, dict) else set()
+    if not ours:
+        return sorted(have)
+    ours |= {INFO_FILE, *LATER_FILES}
+    return sorted(f for f in have if f not in ours and f.split("/", 1)[0] not in LATER_FOLDERS)
+
+
+def _siblings(out: Path, suffix: str) -> list[Path]:
+    """Temp or former-version folders of ours beside ``out`` (``.NAME.PID.*SUFFIX``), oldest first."""
+    found = [p for p in out.parent.glob(f".{out.name}.*{suffix}") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _pid_alive(folder: Path) -> bool:
+    try:
+        os.kill(int(folder.name[len(".") :].split(".")[-2].split("-")[0]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "modules.json").is_file():
+    """Refuse an ``out`` that exists and holds anything an export of ours did not write."""
+    if not out.exists():
+        former = _siblings(out, OLD_SUFFIX)
+        if former:  # a replacement was interrupted between its two renames: put the old version back
+            os.replace(former[-1], out)
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    foreign = _foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(
-            f"{out}: folder exists, is not empty and is not an earlier export; choose another --out"
+            f"{out}: the folder holds files stella-distill did not write ({shown}); it is left as it is: "
+            f"choose another --out, or move those files away"
         )
 
 
 def _prepare_out(out: Path) -> Path:
+    """A fresh temp folder beside ``out`` (ours alone: a unique name with our suffix); stale ones of
+    ours whose process is gone are removed first."""
+    import tempfile
+
     _check_out(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _siblings(out, TMP_SUFFIX):
+        if not _pid_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=TMP_SUFFIX, dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Record the files of ``tmp`` in its INFO_FILE and put it in place of ``out``; the former
+    version is kept beside it until the new one is in place, then removed."""
+    info = read_json(tmp / INFO_FILE)
+    info["files"] = sorted(_files_in(tmp) - {INFO_FILE})
+    _write_json(tmp / INFO_FILE, info)
+    _check_out(out)  # again: the folder may have changed while the export was written
+    former = tmp.with_name(tmp.name[: -len(TMP_SUFFIX)] + OLD_SUFFIX)
+    replace_folder(tmp, out, former)
+    shutil.rmtree(former, ignore_errors=True)
+    return out
+
+
+def check_finite(student: StudentModel, where: str) -> None:
+    """Refuse a student whose weights hold NaN or inf (a diverged run): it must never ship."""
+    bad = [
+        name
+        for name, t in student.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(
+            f"{where}: the student's weights hold NaN/inf ({len(bad)} tensors: {shown}); the run diverged "
+            f"and is not exported; export an earlier checkpoint (checkpoints/step-*) instead"
+        )
 
 
 def export_student(
@@ -191,13 +276,20 @@ def export_student(
     default_prompt_name: str | None = None,
     info: dict | None = None,
     default_dim_field: str = "export.default_dim",
+    before_publish: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write ``student`` (a ``StudentModel``) as a sentence-transformers folder at ``out``.
 
     ``default_dim`` is the dim ``SentenceTransformer(out)`` returns (default: the full target dim).
-    ``default_dim_field`` names where the default dim came from in errors. ``prompts`` become named prompts; a non-empty training prefix of the student (``student.prompt``)
-    is added as the ``document`` prompt unless a prompt already holds it. An earlier export at
-    ``out`` is replaced as a whole (written next to it, then renamed), so no stale head survives.
+    ``default_dim_field`` names where the default dim came from in errors. ``prompts`` become named
+    prompts; a non-empty training prefix of the student (``student.prompt``) is added as the
+    ``document`` prompt unless a prompt already holds it.
+
+    The folder is written beside ``out`` and ``before_publish(folder)`` (the card, a check) runs on it
+    there; then it replaces ``out`` as a whole, so no stale head survives and ``out`` always holds one
+    complete export. ``out`` must be empty, missing, or an export of ours with nothing foreign added
+    (a folder holding files stella-distill did not write is refused, never deleted). A student with
+    NaN/inf weights is refused.
     """
     out = Path(out)
     dims = offered_dims(student)
@@ -212,23 +304,27 @@ def export_student(
     if student.prompt and student.prompt not in prompts.values():
         prompts.setdefault("document", student.prompt)
 
+    check_finite(student, str(out))
+    tmp = _prepare_out(out)
     try:
-        return _write_export(student, out, default_dim, prompts, default_prompt_name, info)
-    except Exception as exc:
-        reason = write_failure(exc)
+        _write_export(student, tmp, default_dim, prompts, default_prompt_name, info)
+        if before_publish is not None:
+            before_publish(tmp)
+        return _publish(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; an earlier export stays whole
+        reason = write_failure(exc) if isinstance(exc, Exception) else None
         if reason is None:
             raise
-        shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)  # give the space back
         raise UserError(
             f"{out}: cannot write the export ({reason}); an earlier export there, if any, is unchanged"
         ) from None
 
 
-def _write_export(student, out: Path, default_dim: int, prompts: dict, default_prompt_name, info) -> Path:
+def _write_export(student, tmp: Path, default_dim: int, prompts: dict, default_prompt_name, info) -> None:
     full = int(student.target_dim)
     mode = student.mrl_mode
     dims = offered_dims(student)
-    tmp = _prepare_out(out)
     student.backbone.save_pretrained(tmp)
     student.tokenizer.save_pretrained(tmp)
     _write_json(
@@ -276,10 +372,6 @@ def _write_export(student, out: Path, default_dim: int, prompts: dict, default_p
     )
     for stray in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")):
         stray.unlink()  # safetensors only
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,11 +448,13 @@ def write_card(
     repo_id: str | None = None,
     source: str | None = None,
     license: str | None = None,
+    model_ref: str | None = None,
 ) -> Path:
     """Write the model card (``README.md`` and its plots) of an export folder.
 
     Metrics come from ``run_dir/metrics.jsonl`` and the first ``eval.json`` found in ``folder`` or
-    ``run_dir``: call it again after ``evaluate`` to put the evaluation into the card.
+    ``run_dir``: call it again after ``evaluate`` to put the evaluation into the card. ``model_ref``
+    is what the card's snippets load (default: the Hub repo, else ``folder``).
     """
     folder = Path(folder)
     data = card.collect(
@@ -371,6 +465,7 @@ def write_card(
         repo_id=repo_id,
         source=source,
         license=license,
+        model_ref=model_ref,
     )
     try:
         return card.write_model_card(folder, data)
@@ -444,7 +539,7 @@ def verify_export(
         )
         want = student.encode(list(texts), dim=d)
         worst[d] = float(torch.nn.functional.cosine_similarity(got.float().cpu(), want).min())
-        if got.shape[1] != d or worst[d] < min_cosine:
+        if got.shape[1] != d or not worst[d] >= min_cosine:  # NaN fails too
             raise RuntimeError(
                 f"{out}: the exported model does not reproduce the student at dim {d} "
                 f"(shape {tuple(got.shape)}, min cosine {worst[d]:.6f})"
@@ -519,7 +614,8 @@ def export_run(
     private. ``push=False`` never uploads (a pipeline that evaluates first, rewrites the card with
     ``write_card`` and then calls ``push_to_hub`` itself); the card still names the repo.
     """
-    _check_out(Path(out))
+    out = Path(out)
+    _check_out(out)
     source = find_source(run_dir)
     cfg = source.config
     ex = cfg.export if cfg is not None else None
@@ -529,8 +625,21 @@ def export_run(
     info = {"source": source.label, "step": source.step}
     if cfg is not None:
         info["run"] = cfg.name
+
+    def card_and_check(folder: Path) -> None:  # before the folder replaces `out`: never a broken export there
+        write_card(
+            folder, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license,
+            model_ref=repo_id or str(out),
+        )  # fmt: skip
+        if verify:
+            worst = verify_export(folder, student)
+            checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
+            logger.info(
+                f"export: {out} reloads with sentence-transformers (min cosine to the student per dim: {checked})"
+            )
+
     with torch.no_grad():
-        out = export_student(
+        export_student(
             student,
             out,
             default_dim=default_dim,
@@ -538,13 +647,7 @@ def export_run(
             default_prompt_name=ex.default_prompt_name if ex is not None else None,
             info=info,
             default_dim_field="--dim" if dim is not None else "export.default_dim",
-        )
-    write_card(out, cfg=cfg, run_dir=source.run_dir, repo_id=repo_id, source=source.label, license=license)
-    if verify:
-        worst = verify_export(out, student)
-        checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
-        logger.info(
-            f"export: {out} reloads with sentence-transformers (min cosine to the student per dim: {checked})"
+            before_publish=card_and_check,
         )
     layout = read_layout(out)
     logger.info(

@@ -103,3 +103,46 @@ def npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
         if fortran:
             raise ValueError("Fortran-ordered array")
         return f.tell(), shape, dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not glibc, or glibc before 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (38, 22, 95):  # ENOSYS, EINVAL, EOPNOTSUPP: this kernel or file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new: Path, target: Path, old: Path) -> None:
+    """Put the folder ``new`` in place of ``target``; ``target``'s former content ends up at ``old``.
+
+    Where the kernel can, the two folders are exchanged in one atomic step, so ``target`` always holds
+    one whole version. Elsewhere ``target`` is renamed to ``old`` first and ``new`` to ``target`` next:
+    a crash between the two leaves the former version whole at ``old`` (never deleted here), from
+    where the next writer restores it. The caller removes ``old`` once it no longer needs it.
+    """
+    new, target, old = Path(new), Path(target), Path(old)
+    if not target.exists():
+        os.replace(new, target)
+    elif _exchange(new, target):
+        os.replace(new, old)  # ``new`` now holds the former version
+    else:
+        os.replace(target, old)
+        os.replace(new, target)
+    fsync_dir(target.parent)

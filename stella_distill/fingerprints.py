@@ -4,7 +4,7 @@
 its weights and config, a teacher by every field that changes its vectors, a corpus by the hash of
 each of its texts in order.
 
-numpy and the standard library only.
+numpy, the standard library and model_files (which reads JSON files only).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from stella_distill.files import sha256_file
 from stella_distill.hub import dense_location
+from stella_distill.model_files import dense_list, resolve_teacher
 
 if TYPE_CHECKING:
     from stella_distill.config import TeacherConfig
@@ -55,14 +56,17 @@ def teacher_identity(teacher: TeacherConfig, max_length: int) -> dict:
     ``revision`` is the configured revision for Hub ids and ``sha256:<hex>`` of the weight files
     for a local folder, so a retrained or swapped local model is told apart from the old one.
     """
+    if teacher.pooling is None or teacher.prompt is None:  # not from a loaded config: as the folder says
+        teacher = resolve_teacher(teacher, "teacher")
     local = Path(teacher.model).expanduser()
     revision = f"sha256:{weights_sha256(local)}" if local.is_dir() else teacher.revision
-    dense = teacher.dense or None  # absent from caches built without one: None == None
-    if dense:
-        where, subfolder = dense_location(teacher.model, dense)
+    heads = []
+    for head in dense_list(teacher.dense):
+        where, subfolder = dense_location(teacher.model, head)
         folder = Path(where).expanduser() / subfolder
-        if folder.is_dir():  # a local head is told apart by its weights, like a local model
-            dense = f"{dense} (sha256:{weights_sha256(folder)})"
+        # a local head is told apart by its weights, like a local model
+        heads.append(f"{head} (sha256:{weights_sha256(folder)})" if folder.is_dir() else head)
+    dense = " + ".join(heads) or None  # absent from caches built without one: None == None
     return {
         "teacher": teacher.name,
         "model": teacher.model,

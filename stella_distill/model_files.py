@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stella_distill.config import ConfigError, ExperimentConfig, TeacherConfig, check_dims
-from stella_distill.errors import UserError
+from stella_distill.config import ExperimentConfig, TeacherConfig, check_dims
+from stella_distill.errors import ConfigError, UserError
 from stella_distill.hub import dense_location, looks_local, offline
 from stella_distill.logs import get_logger
 
@@ -205,7 +205,7 @@ def dense_out_features(model: str, dense: list[str], revision: str | None, field
 # Teachers configured from their folders, and the config checked against its models
 
 
-def resolve_teacher(teacher: TeacherConfig, index: int, files: ModelFiles | None = None) -> TeacherConfig:
+def resolve_teacher(teacher: TeacherConfig, where: str, files: ModelFiles | None = None) -> TeacherConfig:
     """``teacher`` with ``pooling``, ``dense`` and ``prompt`` filled in from its model's files.
 
     A field set in the config wins; where it contradicts the model's own files, one warning line
@@ -214,9 +214,9 @@ def resolve_teacher(teacher: TeacherConfig, index: int, files: ModelFiles | None
     gives mean pooling, no Dense and no prompt. ``normalize`` keeps its value (the target normalises
     every teacher anyway); a model that ends in Normalize with ``normalize: false`` is warned about.
     A pooling mode stella-distill does not compute (max, weightedmean, ...) is an error unless
-    ``pooling`` is set.
+    ``pooling`` is set. ``where`` is the teacher's place in the config (``teachers.0``), for messages.
     """
-    p = f"teachers.{index}"
+    p = where
     model = teacher.model
     files = files or read_model_files(model, teacher.revision, f"{p}.model")
     unset = [f for f in ("pooling", "dense", "prompt") if getattr(teacher, f) is None]
@@ -285,9 +285,11 @@ def check_models(cfg: ExperimentConfig, teacher_files: list[ModelFiles]) -> None
     roles = [(f"teachers.{i}", t.model, t.trust_remote_code) for i, t in enumerate(cfg.teachers)]
     if student is not None:
         roles.append(("student", student.model, student.trust_remote_code))
-    for where, model, trusted in roles:
+    for where, model, _ in roles:
         if looks_local(model) and not Path(model).expanduser().exists():
-            raise ConfigError(f"{where}.model: {model}: no such model folder (Hub model ids look like org/name)")
+            raise ConfigError(
+                f"{where}.model: {model}: no such model folder (Hub model ids look like org/name)"
+            )
     files = dict(zip([r[0] for r in roles], teacher_files))
     if student is not None:
         files["student"] = read_model_files(student.model, student.revision, "student.model")

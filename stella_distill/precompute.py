@@ -26,6 +26,7 @@ from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.errors import UserError
 from stella_distill.logs import get_logger
+from stella_distill.model_files import dense_list, resolve_teacher
 from stella_distill.pooling import DTYPES, load_backbone, load_dense, load_tokenizer, pool, with_prompt
 
 logger = get_logger(__name__)
@@ -87,8 +88,10 @@ class TeacherEncoder:
         device: str | torch.device | None = None,
         log: Callable[[str], Any] = logger.warning,
     ):
-        self.teacher = teacher
         self.field = field or f"teachers.{index}"  # the config path that errors name
+        if teacher.pooling is None or teacher.prompt is None:  # not from a loaded config: ask the folder
+            teacher = resolve_teacher(teacher, self.field)
+        self.teacher = teacher
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         common = {
             "revision": teacher.revision,
@@ -100,15 +103,24 @@ class TeacherEncoder:
             teacher.model, dtype=DTYPES[teacher.dtype], attn_implementation="sdpa", **common
         )
         self.model.to(self.device).eval()
-        self.dense = None  # the model's own Dense head (teachers.N.dense), applied after pooling
-        if teacher.dense:
-            self.dense = load_dense(
+        self.dense = None  # the model's own Dense head(s) (teachers.N.dense), applied after pooling
+        heads = [
+            load_dense(
                 teacher.model,
-                teacher.dense,
+                folder,
                 revision=teacher.revision,
                 trust_remote_code=teacher.trust_remote_code,
                 field=f"{self.field}.dense",
-            ).to(self.device)
+            )
+            for folder in dense_list(teacher.dense)
+        ]
+        for a, b in zip(heads, heads[1:]):
+            if a.out_features != b.in_features:
+                raise UserError(
+                    f"{self.field}.dense: a Dense module outputs {a.out_features} dims, the next takes {b.in_features}"
+                )
+        if heads:
+            self.dense = torch.nn.Sequential(*heads).to(self.device)
         self.max_length = int(max_length)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and 0 < limit < self.max_length:
@@ -197,9 +209,9 @@ class TeacherEncoder:
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             pooled = pool(hidden, mask_t, self.teacher.pooling).float()
             if self.dense is not None:
-                if pooled.shape[1] != self.dense.in_features:
+                if pooled.shape[1] != self.dense[0].in_features:
                     raise UserError(
-                        f"{self.field}.dense: the Dense module takes {self.dense.in_features}-d input; "
+                        f"{self.field}.dense: the Dense module takes {self.dense[0].in_features}-d input; "
                         f"{self.teacher.model} pools to {pooled.shape[1]}-d"
                     )
                 pooled = self.dense(pooled)

@@ -424,7 +424,7 @@ def _is_student(path: Path) -> bool:
 def _config_near(*folders: Path | None) -> ExperimentConfig | None:
     for folder in folders:
         if folder is not None and (folder / CONFIG_FILE).is_file():
-            return load_config(folder / CONFIG_FILE)
+            return load_config(folder / CONFIG_FILE, resolve_models=False)  # written resolved
     return None
 
 

@@ -22,11 +22,11 @@ import torch
 
 from stella_distill import logs, losses, run
 from stella_distill.cache import TeacherCache, build_target, open_caches
-from stella_distill.config import ExperimentConfig, StageConfig, dump_config
+from stella_distill.config import ExperimentConfig, StageConfig, check_dims, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows
 from stella_distill.distributed import (
-    check_precision,
     check_sharding_setup,
+    check_stages,
     deepspeed_stage_config,
     gather_outputs,
     make_accelerator,
@@ -187,6 +187,7 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
     accelerator = make_accelerator(run.trackers(cfg) + list(trackers), str(run_dir / run.LOGS))
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
+    check_stages(cfg, accelerator)  # every stage before the first trains, not hours later
     if accelerator.is_main_process:
         with run.writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,7 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
             f"student.target_dim: {cfg.student.target_dim} differs from the teachers' concatenated dim "
             f"{dims} = {target_dim}; leave it unset or make it match"
         )
+    check_dims(cfg, target_dim)  # export.default_dim among the dims the student will offer
 
     # ---- student and resume point
     torch.manual_seed(cfg.seed)
@@ -273,15 +275,6 @@ def run_stage(
 ):  # fmt: skip
     """Train one stage: fresh optimizer and schedule, from the weights `model` holds (or `resume_dir`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.distributed_type.value == "DEEPSPEED" and (
-        stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
-    ):
-        # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
-        # accumulation and GradCache call backward() several times per optimizer step.
-        raise UserError(
-            f"stages.{stage_index}.grad_accumulation / train.embedding_chunk_size: not supported under "
-            f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
-        )
     torch.manual_seed(cfg.seed + 1 + stage_index)  # a stage starts from the same RNG state, resumed or not
     student = accelerator.unwrap_model(model)
     trainable = student.set_trainable(stage.trainable, stage.last_layers)
@@ -294,7 +287,6 @@ def run_stage(
     optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
-    check_precision(stage, stage_index, accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
         deepspeed_stage_config(accelerator, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)

@@ -21,7 +21,7 @@ def make_student(model: Path, target_dim: int, seed: int) -> StudentModel:
         {
             "name": "eval",
             "output_dir": "unused",
-            "cache_dir": "unused",
+            "cache_dir": "unused-cache",
             "teachers": [{"name": "t", "model": str(model)}],
             "student": {
                 "model": str(model),

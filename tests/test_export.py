@@ -432,7 +432,7 @@ def test_user_errors(runs, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an earlier export"):
+    with pytest.raises(UserError, match="holds files stella-distill did not write"):
         export.export_run(runs["heads"]["run"], busy, verify=False)
     assert (busy / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="offered dims: 24, 16, 8"):
