@@ -134,9 +134,9 @@ BASE = {
     ],
     "student": {"model": "sentence-transformers/all-MiniLM-L6-v2", "mrl": {"dims": [128, 64]}},
     "stages": [
-        {"name": "s1", "trainable": "head", "steps": 2},
-        {"name": "s2", "trainable": "last_layers", "steps": 2},
-        {"name": "s3", "trainable": "all", "steps": 2, "mrl": True},
+        {"name": "s1", "trainable": "head", "steps": 2, "batch_size": 16},
+        {"name": "s2", "trainable": "last_layers", "steps": 2, "batch_size": 16},
+        {"name": "s3", "trainable": "all", "steps": 2, "batch_size": 16, "mrl": True},
     ],
 }
 
