@@ -98,7 +98,11 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             meaning = f.metadata.get("doc", "").replace("|", "\\|")
             where = f"{path}.{f.name}".lstrip(".")
-            kind = _type(hints[f.name]).replace("section[]", f"`{where}[]`").replace("section", f"section `{where}`")
+            kind = (
+                _type(hints[f.name])
+                .replace("section[]", f"`{where}[]`")
+                .replace("section", f"section `{where}`")
+            )
             lines.append(f"| `{f.name}` | {kind} | {_default(f)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from accelerate import PartialState
 from stella_distill import run
 from stella_distill.config import ExperimentConfig, MRLConfig
 from stella_distill.distributed import leave_process_group
+from stella_distill.evalsets import read_beir
 from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
 from stella_distill.export import export_run, push_to_hub, write_card
 from stella_distill.logs import get_logger
@@ -70,6 +71,12 @@ def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
 def run_all(cfg: ExperimentConfig) -> dict:
     """Run or resume the whole pipeline and print the report; returns the evaluation results."""
     t0 = time.perf_counter()
+    # what would stop the run after hours of precompute and training stops it now
+    run.trackers(cfg)
+    for path in cfg.evaluate.sts:
+        read_sts(path)
+    for path in cfg.evaluate.retrieval:
+        read_beir(path)
     run_dir = Path(cfg.output_dir)
     with run.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)

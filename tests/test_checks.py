@@ -188,3 +188,30 @@ def test_launcher_rules_of_every_stage_stop_train_before_the_first_stage(base):
         UserError, match=r"^stages\.1\.grad_accumulation / train\.embedding_chunk_size: not supported"
     ):
         check_stages(cfg, acc("DEEPSPEED"))
+
+
+@pytest.mark.parametrize("case", ["broken-sts-file", "tracker-not-installed"])
+def test_run_stops_before_precompute(tmp_path, base, case):
+    """What `run` needs only after training (evaluation sets, trackers) is checked before precompute."""
+    import importlib.util
+
+    cfg = copy.deepcopy(base)
+    if case == "broken-sts-file":
+        sts = tmp_path / "sts.tsv"
+        sts.write_text("sentence1\tsentence2\tscore\na cat\ta dog\tnot-a-number\n")
+        cfg["evaluate"] = {"sts": [str(sts)]}
+        expected = f"{sts}:"
+    else:
+        if importlib.util.find_spec("mlflow") is not None:
+            pytest.skip("mlflow is installed")
+        cfg["logging"] = {"report_to": ["mlflow"]}
+        expected = "logging.report_to: mlflow is not installed (pip install mlflow)"
+    cfg["cache_dir"] = str(tmp_path / "cache")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(
+        [sys.executable, "-m", "stella_distill", "run", str(path)], env=ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was encoded
