@@ -394,10 +394,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     st = cfg.student
     if st is not None:
         _path(st.model, "student.model")
-        if st.mrl.mode == "none" and cfg.export.default_dim not in (None, st.target_dim):
-            raise ConfigError(
-                "export.default_dim: student.mrl.mode is 'none': the full target dim is the only dim"
-            )
         if st.keep_layers is not None:
             if not st.keep_layers:
                 raise ConfigError("student.keep_layers: must list at least one layer (or be null)")

@@ -13,7 +13,10 @@ work, what otherwise fails hours later (layer counts, dims, remote code).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +136,7 @@ def _hub_file(repo: str, name: str, revision: str | None):
         return Path(cached)
     if cached is not None:  # the cache knows the repository has no such file
         return None
-    if offline():
+    if offline() or not _hub_reachable():
         return UNREADABLE
     try:
         return Path(hf_hub_download(repo, name, revision=revision))
@@ -141,6 +144,21 @@ def _hub_file(repo: str, name: str, revision: str | None):
         return None
     except Exception:  # no network, no such repo, gated: loading the model says which, with its field
         return UNREADABLE
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hub's host name resolves. Without a network huggingface_hub retries every file for
+    about 20 s; a failed name lookup answers at once, and the files are then as unreadable as offline."""
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        logger.debug(f"{host} does not resolve: model files are read from the local Hub cache only")
+        return False
+    return True
 
 
 def read_model_files(model: str, revision: str | None, field_name: str) -> ModelFiles:
@@ -221,9 +239,11 @@ def resolve_teacher(teacher: TeacherConfig, where: str, files: ModelFiles | None
     files = files or read_model_files(model, teacher.revision, f"{p}.model")
     unset = [f for f in ("pooling", "dense", "prompt") if getattr(teacher, f) is None]
     if files.st_unknown and files.readable and unset:
+        fallback = {"pooling": "mean", "dense": "none", "prompt": "none"}
         logger.warning(
-            f"{p}.model: cannot read {model}'s modules.json here (offline and not in the local Hub cache); "
-            f"{', '.join(f'{p}.{f}' for f in unset)} fall back to mean pooling, no Dense, no prompt: set them to be sure"
+            f"{p}.model: cannot read {model}'s modules.json here (offline and not in the local Hub cache): "
+            + ", ".join(f"{p}.{f} falls back to {fallback[f]}" for f in unset)
+            + "; set them to be sure"
         )
     own = files.pooling
     ours = ST_POOLING.get(own) if own is not None else None

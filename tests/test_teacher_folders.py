@@ -193,3 +193,26 @@ def test_real_minilm_by_hub_id_configures_itself_and_reuses_a_hand_configured_ca
     assert (teacher.pooling, teacher.dense, teacher.prompt, teacher.normalize) == ("mean", None, "", True)
     again = _precompute(from_folder)  # the same identity: nothing to encode
     assert json.loads((again.path / "manifest.json").read_text()) == built
+
+
+def test_a_hub_teacher_whose_modules_json_is_not_cached_is_named_in_a_warning(tmp_path, folders):
+    """Offline, with only config.json in the Hub cache: the fallback is said, with the fields to set."""
+    snapshot = tmp_path / "hub" / "models--org--teacher" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((folders["mean_two_dense"] / "config.json").read_text())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    cfg = precompute_config(tmp_path, [{"name": "t", "model": "org/teacher", "pooling": "cls"}], ["a"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stella_distill", "check", str(path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "warning: teachers.0.model: cannot read org/teacher's modules.json here (offline and not in the local "
+        "Hub cache): teachers.0.dense falls back to none, teachers.0.prompt falls back to none; set them to be sure"
+    ]
+    teacher = yaml.safe_load(done.stdout)["teachers"][0]
+    assert (teacher["pooling"], teacher["dense"], teacher["prompt"]) == ("cls", None, "")
