@@ -9,8 +9,11 @@ job (torchrun / accelerate launch) cleanly.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from stella_distill.config import ExperimentConfig, StageConfig
 from stella_distill.errors import UserError
@@ -151,3 +154,31 @@ def shards_parameters(accelerator) -> bool:
     if kind == "DEEPSPEED":
         return accelerator.state.deepspeed_plugin.zero_stage == 3
     return kind == "FSDP"
+
+
+def on_main(state, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process only and give every process its result, or its ``UserError``.
+
+    ``state`` is an ``Accelerator`` or ``PartialState``. A user mistake found on the main process
+    stops every process with the same one-line error; a crash there stops the others with a line that
+    points to it.
+    """
+    result: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            result[0] = ("ok", fn())
+        except UserError as exc:
+            result[0] = ("user_error", exc)
+        except BaseException as exc:
+            result[0] = ("crash", f"{type(exc).__name__}: {exc}")
+            if state.num_processes > 1:
+                broadcast_object_list(result, from_process=0)
+            raise
+    if state.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    kind, value = result[0]
+    if kind == "user_error":
+        raise value
+    if kind == "crash":
+        raise RuntimeError(f"failed on the main process: {value}")
+    return value

@@ -35,6 +35,7 @@ from stella_distill.errors import UserError
 from stella_distill.evalsets import BeirSet, read_beir, read_sts
 from stella_distill.export import load, read_layout, set_dim
 from stella_distill.logs import get_logger
+from stella_distill.pooling import with_prompt
 from stella_distill.run import EVAL_FILE
 
 logger = get_logger(__name__)
@@ -138,13 +139,38 @@ def fidelity_metrics(student: np.ndarray, target: np.ndarray) -> dict[str, float
 # Encoding and per-task scoring
 
 
+def _check_finite_weights(model, model_dir: Path) -> None:
+    """A model with NaN/inf weights gives no score worth reporting: refuse it before any encoding."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(
+            f"{model_dir}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); nothing to evaluate"
+        )
+
+
+def _finite(emb: np.ndarray, what: str) -> np.ndarray:
+    bad = int((~np.isfinite(emb).all(axis=1)).sum())
+    if bad:
+        raise UserError(
+            f"{what}: the model gave NaN/inf vectors for {bad} of {len(emb)} texts; no score reported"
+        )
+    return emb
+
+
 def _encode(
     model, texts: list[str], batch_size: int, prompt_name: str | None = None, prompt: str | None = None
 ):
-    """L2-normalised float32 embeddings; a SentenceTransformer gets prompts, any other ``.encode`` not."""
+    """L2-normalised float32 embeddings; a SentenceTransformer gets prompts, any other ``.encode`` not.
+
+    Texts are cut to a length far beyond what the model reads (``pooling.with_prompt``), so one
+    pathological text cannot exhaust memory; NaN/inf vectors are an error, never a score.
+    """
     from sentence_transformers import SentenceTransformer
 
     if isinstance(model, SentenceTransformer):
+        texts = with_prompt(list(texts), "", model.max_seq_length or None)
         emb = model.encode(
             list(texts),
             batch_size=batch_size,
@@ -154,12 +180,12 @@ def _encode(
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        return np.asarray(emb, dtype=np.float32)
+        return _finite(np.asarray(emb, dtype=np.float32), "evaluate")
     if prompt_name is not None or prompt:
         raise ValueError("prompts need a SentenceTransformer model")
     emb = model.encode(list(texts), batch_size=batch_size)
     emb = emb.detach().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb)
-    return _l2_64(emb).astype(np.float32)
+    return _finite(_l2_64(emb).astype(np.float32), "evaluate")
 
 
 def sts_spearman(model, path: str | Path, batch_size: int = 64, prompt_name: str | None = None) -> float:
@@ -347,6 +373,7 @@ def evaluate_model(
     query_prompt_name: str | None = None,
     doc_prompt_name: str | None = None,
     device: str | None = None,
+    made_from: str | None = None,
 ) -> dict:
     """``stella-distill evaluate``: score the export at ``model_dir`` for every dim in ``dims``.
 
@@ -384,6 +411,7 @@ def evaluate_model(
         raise UserError(f"--out: cannot create {exc.filename or out_dir}: {exc.strerror or exc}") from None
 
     model = load(model_dir, dim=dims[0], device=device)
+    _check_finite_weights(model, model_dir)
     results: dict[int, dict[str, float]] = {}
     for d in dims:
         set_dim(model, model_dir, d, layout)
@@ -402,6 +430,7 @@ def evaluate_model(
         results[d] = metrics
 
     result = {
+        **({"made_from": made_from} if made_from is not None else {}),
         "model": str(model_dir),
         "mode": layout.mode,
         "default_dim": layout.default_dim,

@@ -26,6 +26,7 @@ use their legacy keys, which serving stacks (TEI, vLLM) parse. The MRL part of t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 
 from stella_distill import card
-from stella_distill.errors import UserError, write_failure
+from stella_distill.errors import UserError, first_line, write_failure
 from stella_distill.files import replace_folder
 from stella_distill.hub import is_hub_id
 from stella_distill.logs import get_logger
@@ -232,6 +233,9 @@ def _prepare_out(out: Path) -> Path:
     import tempfile
 
     _check_out(out)
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists() and not parent.is_dir():  # mkdir would say "File exists", which misleads
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in _siblings(out, TMP_SUFFIX):
         if not _pid_alive(stale):
@@ -305,14 +309,16 @@ def export_student(
         prompts.setdefault("document", student.prompt)
 
     check_finite(student, str(out))
-    tmp = _prepare_out(out)
+    tmp = None
     try:
+        tmp = _prepare_out(out)
         _write_export(student, tmp, default_dim, prompts, default_prompt_name, info)
         if before_publish is not None:
             before_publish(tmp)
         return _publish(tmp, out)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; an earlier export stays whole
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; an earlier export stays whole
         reason = write_failure(exc) if isinstance(exc, Exception) else None
         if reason is None:
             raise
@@ -581,9 +587,13 @@ def push_to_hub(
             commit_message=commit_message or f"Upload {folder.name} (stella-distill export)",
             delete_patterns=["*"],
         )
-    except OSError as exc:  # HTTP errors of huggingface_hub subclass OSError; their text holds no token
+    except (
+        Exception
+    ) as exc:  # HTTP errors, a lost connection (httpx), a refused token: the text holds no token
         raise UserError(
-            f"--push-to-hub {repo_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            f"--push-to-hub {repo_id}: {first_line(exc)[:300]}; the export at {folder} is complete and "
+            f"unchanged; push it again with `stella-distill export` and --push-to-hub {repo_id} once the Hub "
+            f"is reachable"
         ) from None
     url = getattr(info, "commit_url", None) or str(info)
     logger.info(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
@@ -604,6 +614,7 @@ def export_run(
     verify: bool = True,
     license: str | None = None,
     push: bool = True,
+    made_from: str | None = None,
 ) -> Path:
     """``stella-distill export``: write the sentence-transformers folder of a run (or one checkpoint).
 
@@ -613,6 +624,8 @@ def export_run(
     else ``export.push_to_hub``) uploads the folder; ``private`` or ``export.private`` makes a new repo
     private. ``push=False`` never uploads (a pipeline that evaluates first, rewrites the card with
     ``write_card`` and then calls ``push_to_hub`` itself); the card still names the repo.
+    ``made_from`` (the pipeline's fingerprint of what the export is made from) is recorded in
+    ``stella_distill.json``.
     """
     out = Path(out)
     _check_out(out)
@@ -625,6 +638,8 @@ def export_run(
     info = {"source": source.label, "step": source.step}
     if cfg is not None:
         info["run"] = cfg.name
+    if made_from is not None:
+        info["made_from"] = made_from
 
     def card_and_check(folder: Path) -> None:  # before the folder replaces `out`: never a broken export there
         write_card(

@@ -38,8 +38,19 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     raise ValueError(f"unknown pooling {mode!r}; expected one of {', '.join(POOLINGS)}")
 
 
-def with_prompt(texts: list[str], prompt: str) -> list[str]:
-    """Prefix every text with ``prompt`` (no-op for an empty prompt)."""
+# No token spans anywhere near this many characters (WordPiece turns any word over 100 characters into
+# one [UNK]; BPE vocabularies hold pieces of a few dozen at most), so cutting a text at
+# max_length * CHARS_PER_TOKEN characters never changes its first max_length tokens, while a
+# pathological text (a 50 MB line) no longer makes the tokenizer take gigabytes.
+CHARS_PER_TOKEN = 1000
+
+
+def with_prompt(texts: list[str], prompt: str, max_length: int | None = None) -> list[str]:
+    """Prefix every text with ``prompt``; with ``max_length`` (tokens), first cut each text to
+    ``max_length * CHARS_PER_TOKEN`` characters (far more than that many tokens can cover)."""
+    if max_length is not None:
+        limit = int(max_length) * CHARS_PER_TOKEN
+        texts = [t if len(t) <= limit else t[:limit] for t in texts]
     return [prompt + t for t in texts] if prompt else list(texts)
 
 
@@ -51,6 +62,34 @@ def _needs_remote_code(name_or_path: str) -> bool:
         return bool(json.loads(config.read_text()).get("auto_map"))
     except (OSError, ValueError):
         return False
+
+
+# Architectures whose position ids start after the padding index (fairseq's convention): their table
+# has two rows more than the positions a text can use (RoBERTa and XLM-R: 514 rows, 512 positions).
+PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "ernie_m", "luke")
+
+
+def usable_positions(config) -> int | None:
+    """How many tokens a model's position table takes, from its config (None: no fixed table known)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if getattr(config, "model_type", None) in PADDING_OFFSET_MODELS:
+        limit -= (getattr(config, "pad_token_id", None) or 1) + 1
+    return limit
+
+
+def load_model_config(name_or_path: str, *, revision: str | None, trust_remote_code: bool, field: str):
+    """``AutoConfig.from_pretrained`` (no weights: cheap) with a clear error naming ``field``."""
+    from transformers import AutoConfig
+
+    return _load(
+        AutoConfig.from_pretrained,
+        name_or_path,
+        field=field,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None, trust_remote_code: bool, field: str):

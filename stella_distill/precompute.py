@@ -21,13 +21,22 @@ import numpy as np
 import torch
 
 from stella_distill import logs
-from stella_distill.cache import CacheBuild, CacheError, cache_folder
+from stella_distill.cache import CacheBuild, cache_folder
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
+from stella_distill.distributed import on_main
 from stella_distill.errors import UserError
 from stella_distill.logs import get_logger
 from stella_distill.model_files import dense_list, resolve_teacher
-from stella_distill.pooling import DTYPES, load_backbone, load_dense, load_tokenizer, pool, with_prompt
+from stella_distill.pooling import (
+    DTYPES,
+    load_backbone,
+    load_dense,
+    load_tokenizer,
+    pool,
+    usable_positions,
+    with_prompt,
+)
 
 logger = get_logger(__name__)
 
@@ -122,8 +131,8 @@ class TeacherEncoder:
         if heads:
             self.dense = torch.nn.Sequential(*heads).to(self.device)
         self.max_length = int(max_length)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and 0 < limit < self.max_length:
+        limit = usable_positions(self.model.config)
+        if limit is not None and limit < self.max_length:
             # Longer inputs would index past the position table of absolute-position models.
             log(
                 f"{self.field}: max_length {self.max_length} > the model's {limit} positions; truncating at {limit}"
@@ -152,7 +161,7 @@ class TeacherEncoder:
         found by tokenizing at ``max_length + 1`` (identical ids for every text that fits) and only
         those are tokenized again at ``max_length``, so counting costs no second pass over the corpus.
         """
-        prompted = with_prompt(texts, self.teacher.prompt)
+        prompted = with_prompt(texts, self.teacher.prompt, self.max_length)
         options = {
             "add_special_tokens": True,
             "truncation": True,
@@ -228,35 +237,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _on_main(state, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only and give every rank its result (or its UserError)."""
-    result: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            result[0] = ("ok", fn())
-        except UserError as exc:
-            result[0] = ("user_error", str(exc))
-        except BaseException as exc:
-            result[0] = ("crash", f"{type(exc).__name__}: {exc}")
-            if state.num_processes > 1:
-                _broadcast(result)
-            raise
-    if state.num_processes > 1:
-        _broadcast(result)
-    kind, value = result[0]
-    if kind == "user_error":
-        raise CacheError(value)
-    if kind == "crash":
-        raise RuntimeError(f"precompute failed on rank 0: {value}")
-    return value
-
-
-def _broadcast(objects: list[Any]) -> None:
-    from accelerate.utils import broadcast_object_list
-
-    broadcast_object_list(objects, from_process=0)
-
-
 def run_precompute(cfg: ExperimentConfig) -> list[Path]:
     """Encode the corpus with every teacher of ``cfg`` into ``cache_dir/<name>``; return the folders.
 
@@ -290,7 +270,7 @@ def _precompute_teacher(
 ) -> Path:
     folder = cache_folder(cfg, teacher)
     max_length = cfg.teacher_max_length(teacher)
-    build = _on_main(
+    build = on_main(
         state, lambda: CacheBuild.plan(folder, teacher, index=index, max_length=max_length, corpus=corpus)
     )
     if build.skip:
@@ -302,7 +282,7 @@ def _precompute_teacher(
     encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=warn)
     dim = encoder.dim
     encoder.truncated = 0  # count corpus texts only, not the dim probe
-    todo = _on_main(state, lambda: build.start(dim, corpus.row_hashes))
+    todo = on_main(state, lambda: build.start(dim, corpus.row_hashes))
     bounds = build.bounds()
     mine = [i for i in todo if i % state.num_processes == state.process_index]
     bar = None
@@ -323,7 +303,7 @@ def _precompute_teacher(
     state.wait_for_everyone()
     seconds = time.perf_counter() - started
     commit = getattr(encoder.model.config, "_commit_hash", None)
-    manifest = _on_main(state, lambda: build.finish(commit))
+    manifest = on_main(state, lambda: build.finish(commit))
     invalid = manifest["invalid_rows"]
     if invalid:
         shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")

@@ -253,7 +253,7 @@ class StudentModel(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors."""
         batch = self.tokenizer(
-            with_prompt(list(texts), self.prompt),
+            with_prompt(list(texts), self.prompt, self.max_length),
             padding=True,
             truncation=True,
             max_length=self.max_length,

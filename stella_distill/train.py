@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from stella_distill import logs, losses, run
-from stella_distill.cache import TeacherCache, build_target, open_caches
-from stella_distill.config import ExperimentConfig, StageConfig, check_dims, dump_config
+from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
+from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows
 from stella_distill.distributed import (
     check_sharding_setup,
@@ -30,10 +30,12 @@ from stella_distill.distributed import (
     deepspeed_stage_config,
     gather_outputs,
     make_accelerator,
+    on_main,
     shards_parameters,
 )
 from stella_distill.errors import UserError
 from stella_distill.logs import get_logger
+from stella_distill.pooling import load_model_config, usable_positions
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
 
@@ -188,6 +190,55 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
     check_stages(cfg, accelerator)  # every stage before the first trains, not hours later
+    taken = on_main(accelerator, lambda: run.hold_lock(run_dir, "train"))  # one job per run folder
+    try:
+        return _train(cfg, accelerator, world, run_dir)
+    finally:
+        if taken:
+            run.release_lock(run_dir)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Cross-field limits that need the models, checked before the corpus, caches and student load.
+
+    ``data.max_length`` must fit the student's position table (past it, absolute-position models fail
+    at the first long batch); the cached teachers' dims (read from their manifests) must agree with
+    ``student.target_dim``, ``student.mrl.dims`` and ``export.default_dim``.
+    """
+    st = cfg.student
+    config = load_model_config(st.model, revision=st.revision, trust_remote_code=st.trust_remote_code,
+                               field="student.model")  # fmt: skip
+    positions = usable_positions(config)
+    if positions is not None and cfg.data.max_length > positions:
+        raise UserError(
+            f"data.max_length: {cfg.data.max_length} tokens is more than the student's {positions} positions "
+            f"({st.model}); lower it to {positions} at most"
+        )
+    dims = [peek_dim(cache_folder(cfg, t)) for t in cfg.teachers]
+    if None in dims:
+        return  # a cache is not built yet: open_caches names it
+    target = st.target_dim or sum(dims)
+    if st.target_dim is not None and st.target_dim != sum(dims):
+        shown = " + ".join(f"{d} ({t.name})" for d, t in zip(dims, cfg.teachers))
+        raise UserError(
+            f"student.target_dim: {st.target_dim} differs from the teachers' concatenated dim "
+            f"{shown} = {sum(dims)}; leave it unset or make it match"
+        )
+    for d in st.mrl.dims:
+        if d >= target:
+            relation = "is larger than" if d > target else "equals"
+            raise UserError(
+                f"student.mrl.dims: dim {d} {relation} the target dim {target}; list only reduced dims"
+            )
+    default = cfg.export.default_dim
+    if default is not None and default != target and default not in st.mrl.dims and st.mrl.mode != "truncate":
+        raise UserError(
+            f"export.default_dim: {default} is not an offered dim ({', '.join(map(str, [target, *st.mrl.dims]))})"
+        )
+
+
+def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Path:
+    preflight(cfg)
     if accelerator.is_main_process:
         with run.writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,14 +258,7 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
             f"(non-finite teacher vectors; {bad})"
         )
     lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
-    target_dim = sum(c.dim for c in caches)
-    if cfg.student.target_dim is not None and cfg.student.target_dim != target_dim:
-        dims = " + ".join(f"{c.dim} ({t.name})" for c, t in zip(caches, cfg.teachers))
-        raise UserError(
-            f"student.target_dim: {cfg.student.target_dim} differs from the teachers' concatenated dim "
-            f"{dims} = {target_dim}; leave it unset or make it match"
-        )
-    check_dims(cfg, target_dim)  # export.default_dim among the dims the student will offer
+    target_dim = sum(c.dim for c in caches)  # student.target_dim agrees: preflight checked it
 
     # ---- student and resume point
     torch.manual_seed(cfg.seed)
@@ -226,6 +270,8 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
                 f"stages.{i}.last_layers: {stage.last_layers} must be between 1 and the student's {n_layers} layers"
             )
     resume_from, pos = run.resume_point(cfg, run_dir)
+    if accelerator.is_main_process:  # a resumed run logs the steps after its checkpoint again
+        run.truncate_metrics(run_dir, pos.global_step)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
     log = run.MetricsLog(cfg, run_dir, accelerator)
