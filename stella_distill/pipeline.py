@@ -23,6 +23,7 @@ from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
 from stella_distill.export import INFO_FILE, export_run, push_to_hub, write_card
 from stella_distill.files import atomic_write
 from stella_distill.logs import get_logger
+from stella_distill.metrics import trackers
 from stella_distill.precompute import TeacherEncoder, run_precompute
 from stella_distill.student import StudentModel
 from stella_distill.train import train
@@ -78,7 +79,7 @@ def run_all(cfg: ExperimentConfig) -> dict:
     """
     t0 = time.perf_counter()
     # what would stop the run after hours of precompute and training stops it now
-    run.trackers(cfg)
+    trackers(cfg)
     for path in cfg.evaluate.sts:
         read_sts(path)
     for path in cfg.evaluate.retrieval:

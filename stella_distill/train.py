@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stella_distill import logs, losses, run
+from stella_distill import logs, losses, metrics, run
 from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
 from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows
@@ -186,7 +186,7 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
     if not cfg.stages:
         raise UserError("stages: no training stages configured")
     run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(run.trackers(cfg) + list(trackers), str(run_dir / run.LOGS))
+    accelerator = make_accelerator(metrics.trackers(cfg) + list(trackers), str(run_dir / metrics.LOGS))
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
     check_stages(cfg, accelerator)  # every stage before the first trains, not hours later
@@ -274,7 +274,7 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
         run.truncate_metrics(run_dir, pos.global_step)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
-    log = run.MetricsLog(cfg, run_dir, accelerator)
+    log = metrics.MetricsLog(cfg, run_dir, accelerator)
     if accelerator.is_main_process:
         logger.info(
             f"train: {len(train_rows)} training rows, {len(eval_rows)} held out, target dim {target_dim}, "
