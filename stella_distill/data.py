@@ -26,9 +26,12 @@ from stella_distill.config import DataConfig, SourceConfig
 from stella_distill.errors import UserError, first_line
 from stella_distill.fingerprints import corpus_fingerprint, text_hashes
 from stella_distill.hub import looks_local
+from stella_distill.logs import get_logger
 from stella_distill.tables import COMPRESSIONS, FILE_SUFFIXES, file_format, is_data_file
 
 _DISK_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Corpus:
         return len(self.texts)
 
 
-def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print) -> Corpus:
+def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] | None = None) -> Corpus:
     """Read every source of ``data_cfg.train`` and return the corpus.
 
     Order of operations: each source skips empty / non-string texts and keeps at most its own
@@ -105,7 +108,7 @@ def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print) -> Corp
             f"data.train: the corpus is empty after reading {stats['read']} rows "
             f"({stats['skipped_empty']} empty or whitespace-only, {stats['skipped_non_string']} non-string)"
         )
-    log(_summary_line(stats))
+    (log or logger.info)(_summary_line(stats))
     hashes = text_hashes(texts)
     return Corpus(texts=texts, fingerprint=corpus_fingerprint(hashes), row_hashes=hashes, stats=stats)
 
