@@ -191,7 +191,7 @@ def _teachers(data: CardData) -> list[str]:
     for t in cfg.teachers:
         prompt = f"`{_md_escape(t.prompt)}`" if t.prompt else "(none)"
         revision = f" @ {t.revision}" if t.revision else ""
-        dense = f" + `{t.dense}`" if t.dense else ""
+        dense = "".join(f" + `{d}`" for d in ([t.dense] if isinstance(t.dense, str) else t.dense or []))
         lines.append(
             f"| {t.name} | `{t.model}`{revision} | {t.pooling}{dense} | {prompt} | {cfg.teacher_max_length(t)} |"
         )

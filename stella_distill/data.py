@@ -53,6 +53,7 @@ from stella_distill.dedupe import Deduper
 from stella_distill.errors import UserError, write_failure
 from stella_distill.files import atomic_write, fsync_dir, named_os_error, remove_quietly
 from stella_distill.fingerprints import text_hashes
+from stella_distill.logs import get_logger
 
 FORMAT = 1  # bump when the table's content or layout changes: older tables are then rebuilt
 MANIFEST = "corpus.json"
@@ -66,6 +67,8 @@ _BATCH_CHARS = 2 << 20
 # shorter than streaming a large Hub dataset).
 _BUILD_WAIT = timedelta(hours=24)
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+logger = get_logger(__name__)
 
 
 class Corpus:
@@ -111,16 +114,18 @@ def _column_array(table: pa.Table, name: str, dtype) -> np.ndarray:
     return out
 
 
-def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print, *, cache_dir=None) -> Corpus:
+def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] | None = None, *, cache_dir=None) -> Corpus:
     """The corpus of ``data_cfg.train``, from its table in ``cache_dir`` (built there first if needed).
 
     Under ``torchrun`` / ``accelerate launch`` (an initialised process group) rank 0 checks or builds the
     table while the others wait, then every process opens it; an error stops every rank with the same
     message. Without ``cache_dir``, or when ``cache_dir`` cannot be written, the table is built in a
-    temporary folder that is gone when the process ends. One summary line goes to ``log``.
+    temporary folder that is gone when the process ends. One summary line goes to ``log`` (default:
+    this module's logger, at info).
     """
     if not data_cfg.train:
         raise UserError("data.train: no corpus sources configured")
+    log = log or logger.info
     dist = _process_group()
     if dist is None:
         path, manifest, temp = _prepare(data_cfg, cache_dir, log)

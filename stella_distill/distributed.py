@@ -17,6 +17,9 @@ from accelerate.utils import broadcast_object_list
 
 from stella_distill.config import ExperimentConfig, StageConfig
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
+
+logger = get_logger(__name__)
 
 
 def leave_process_group() -> None:
@@ -46,13 +49,21 @@ def gather_outputs(outputs: dict[int, torch.Tensor], accelerator, enabled: bool)
         return {d: torch.cat(all_gather(v.contiguous()), dim=0) for d, v in outputs.items()}
 
 
-def make_accelerator():
-    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md)."""
+def make_accelerator(log_with: list | None = None, logging_dir: str | None = None):
+    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md),
+    with the experiment trackers ``log_with`` (names or ``GeneralTracker``s) writing files under ``logging_dir``."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
+    project = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir) if logging_dir else None
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per
     # process per optimizer step (it assumes per-process data shards); our batches are global.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
+        project_config=project,
+    )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
     if plugin is not None and not plugin.zero3_init_flag:
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says;
@@ -104,6 +115,21 @@ def deepspeed_stage_config(accelerator, stage: StageConfig) -> None:
     config["gradient_clipping"] = float(stage.max_grad_norm) if stage.max_grad_norm is not None else 0.0
 
 
+def check_stages(cfg: ExperimentConfig, accelerator) -> None:
+    """Refuse, before any stage trains, a stage this launcher cannot run (see ``check_precision``)."""
+    for i, stage in enumerate(cfg.stages):
+        if accelerator.distributed_type.value == "DEEPSPEED" and (
+            stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
+        ):
+            # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
+            # accumulation and GradCache call backward() several times per optimizer step.
+            raise UserError(
+                f"stages.{i}.grad_accumulation / train.embedding_chunk_size: not supported under "
+                f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
+            )
+        check_precision(stage, i, accelerator)
+
+
 def check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
     """fp16 needs loss scaling, which only the launcher's mixed precision (accelerate) provides; a
     launcher precision other than 'no' applies to every stage, whatever the stage says."""
@@ -116,7 +142,7 @@ def check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
             f"accelerate's mixed_precision fp16 (accelerate launch --mixed_precision fp16), which scales the loss"
         )
     if launcher != "no" and accelerator.is_main_process:
-        print(
+        logger.warning(
             f"stages.{stage_index}.mixed_precision: {stage.mixed_precision!r} is overridden by the launcher's "
             f"{launcher!r} (accelerate config mixed_precision; set it to 'no' to let each stage choose)"
         )

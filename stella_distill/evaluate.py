@@ -34,9 +34,11 @@ from stella_distill.data import load_corpus, split_rows
 from stella_distill.errors import UserError
 from stella_distill.evalsets import BeirSet, read_beir, read_sts
 from stella_distill.export import load, read_layout, set_dim
+from stella_distill.logs import get_logger
 from stella_distill.pooling import with_prompt
 from stella_distill.run import EVAL_FILE
 
+logger = get_logger(__name__)
 FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
 
 
@@ -447,8 +449,8 @@ def evaluate_model(
     except OSError as exc:
         raise UserError(f"--out: cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
     if any(results.values()):
-        print(format_table(results))
+        logger.info(format_table(results))
     else:
-        print("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
-    print(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
+        logger.info("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
+    logger.info(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
     return result

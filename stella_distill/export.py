@@ -41,9 +41,12 @@ from stella_distill import card
 from stella_distill.errors import UserError, first_line, write_failure
 from stella_distill.files import replace_folder
 from stella_distill.hub import is_hub_id
+from stella_distill.logs import get_logger
 from stella_distill.run import Source, consolidate_state_dict, find_source
 from stella_distill.student import StudentModel
 from stella_distill.tables import read_json
+
+logger = get_logger(__name__)
 
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -593,7 +596,7 @@ def push_to_hub(
             f"is reachable"
         ) from None
     url = getattr(info, "commit_url", None) or str(info)
-    print(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
+    logger.info(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
     return url
 
 
@@ -646,7 +649,7 @@ def export_run(
         if verify:
             worst = verify_export(folder, student)
             checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
-            print(
+            logger.info(
                 f"export: {out} reloads with sentence-transformers (min cosine to the student per dim: {checked})"
             )
 
@@ -662,7 +665,7 @@ def export_run(
             before_publish=card_and_check,
         )
     layout = read_layout(out)
-    print(
+    logger.info(
         f"export: wrote {out} from {source.label}; dims {layout.dims}, default {layout.default_dim} ({layout.mode})"
     )
     if repo_id and push:

@@ -4,7 +4,7 @@
 every file that can change its vectors, a Hub model by its commit, a teacher by every field that
 changes its vectors, a corpus by the hash of each of its texts in order.
 
-numpy and the standard library only.
+numpy, the standard library and model_files (which reads JSON files only).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from stella_distill.files import sha256_file
 from stella_distill.hub import dense_location, resolve_commit
+from stella_distill.model_files import dense_list, resolve_teacher
 
 if TYPE_CHECKING:
     from stella_distill.config import TeacherConfig
@@ -82,14 +83,19 @@ def teacher_identity(teacher: TeacherConfig, max_length: int) -> dict:
     ``revision`` covers every file of the model (``model_revision``): a retrained, re-tokenised or
     swapped model is told apart from the old one, locally and on the Hub.
     """
-    dense = teacher.dense or None  # absent from caches built without one: None == None
-    skip: tuple[str, ...] = ()
-    if dense:
-        where, subfolder = dense_location(teacher.model, dense)
+    if teacher.pooling is None or teacher.prompt is None:  # not from a loaded config: as the folder says
+        teacher = resolve_teacher(teacher, "teacher")
+    heads, skip = [], []
+    for head in dense_list(teacher.dense):
+        where, subfolder = dense_location(teacher.model, head)
         folder = Path(where).expanduser() / subfolder
         if folder.is_dir():  # a local head is told apart by its files, like a local model
-            dense = f"{dense} (sha256:{folder_sha256(folder)})"
-            skip = (Path(subfolder).parts[0],) if subfolder else ()
+            heads.append(f"{head} (sha256:{folder_sha256(folder)})")
+            skip += [Path(subfolder).parts[0]] if subfolder else []
+        else:
+            heads.append(head)
+    dense = " + ".join(heads) or None  # absent from caches built without one: None == None
+    skip = tuple(skip)
     return {
         "teacher": teacher.name,
         "model": teacher.model,

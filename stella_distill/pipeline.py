@@ -18,12 +18,17 @@ from accelerate import PartialState
 from stella_distill import run
 from stella_distill.config import ExperimentConfig, MRLConfig
 from stella_distill.distributed import leave_process_group, on_main
+from stella_distill.evalsets import read_beir
 from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
 from stella_distill.export import INFO_FILE, export_run, push_to_hub, write_card
 from stella_distill.files import atomic_write
+from stella_distill.logs import get_logger
+from stella_distill.metrics import trackers
 from stella_distill.precompute import TeacherEncoder, run_precompute
 from stella_distill.student import StudentModel
 from stella_distill.train import train
+
+logger = get_logger(__name__)
 
 
 class _Lookup:
@@ -73,6 +78,12 @@ def run_all(cfg: ExperimentConfig) -> dict:
     ``export.*`` re-exports, a changed ``evaluate.*`` or input file re-evaluates.
     """
     t0 = time.perf_counter()
+    # what would stop the run after hours of precompute and training stops it now
+    trackers(cfg)
+    for path in cfg.evaluate.sts:
+        read_sts(path)
+    for path in cfg.evaluate.retrieval:
+        read_beir(path)
     run_dir = Path(cfg.output_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
     taken = on_main(state, lambda: run.hold_lock(run_dir, "run"))
@@ -91,7 +102,7 @@ def _run_all(cfg: ExperimentConfig, run_dir: Path, state, t0: float) -> dict:
 
     t = time.perf_counter()
     if run.training_complete(cfg, run_dir):
-        print(f"run: training already complete ({run_dir / run.FINAL})")
+        logger.info(f"run: training already complete ({run_dir / run.FINAL})")
     else:
         train(cfg)
     timings["train_s"] = time.perf_counter() - t
@@ -117,7 +128,7 @@ def _run_all(cfg: ExperimentConfig, run_dir: Path, state, t0: float) -> dict:
     eval_fp = run.eval_fingerprint(cfg, export_fp)
     export_fresh = run.made_from(export_dir / INFO_FILE) == export_fp
     if export_fresh and run.made_from(eval_file) == eval_fp:
-        print(f"run: export and evaluation already complete and current ({export_dir})")
+        logger.info(f"run: export and evaluation already complete and current ({export_dir})")
         results = json.loads(eval_file.read_text())
     else:
         t = time.perf_counter()
@@ -150,16 +161,16 @@ def print_report(run_dir: Path) -> None:
         return
     results = json.loads(eval_file.read_text())
     baseline = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    print(f"\nreport for {run_dir}")
+    logger.info(f"\nreport for {run_dir}")
     for dim, metrics in sorted(results.get("dims", {}).items(), key=lambda kv: -int(kv[0])):
         cells = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        print(f"  dim {dim}: {cells}")
+        logger.info(f"  dim {dim}: {cells}")
     for name, scores in baseline.items():
         if not isinstance(scores, dict):
             continue  # made_from
         cells = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-        print(f"  before training, {name}: {cells}")
+        logger.info(f"  before training, {name}: {cells}")
     timings = run_dir / run.TIMINGS_FILE
     if timings.is_file():
         t = json.loads(timings.read_text())
-        print("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))
+        logger.info("  wall time: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items()))

@@ -22,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from stella_distill import logs
 from stella_distill.cache import CacheBuild, cache_folder
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.distributed import on_main
 from stella_distill.errors import UserError, first_line
+from stella_distill.logs import get_logger
+from stella_distill.model_files import dense_list, resolve_teacher
 from stella_distill.packed import PACKED_ATTENTION, pack, pool_packed, to_device, use_packed_attention
 from stella_distill.pooling import (
     DTYPES,
@@ -37,6 +40,8 @@ from stella_distill.pooling import (
     usable_positions,
     with_prompt,
 )
+
+logger = get_logger(__name__)
 
 
 def length_batches(
@@ -99,11 +104,13 @@ class TeacherEncoder:
         index: int = 0,
         field: str | None = None,
         device: str | torch.device | None = None,
-        log: Callable[[str], Any] = print,
+        log: Callable[[str], Any] = logger.warning,
         packed: bool | None = None,
     ):
-        self.teacher = teacher
         self.field = field or f"teachers.{index}"  # the config path that errors name
+        if teacher.pooling is None or teacher.prompt is None:  # not from a loaded config: ask the folder
+            teacher = resolve_teacher(teacher, self.field)
+        self.teacher = teacher
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         common = {
             "revision": teacher.revision,
@@ -115,15 +122,24 @@ class TeacherEncoder:
             teacher.model, dtype=DTYPES[teacher.dtype], attn_implementation="sdpa", **common
         )
         self.model.to(self.device).eval()
-        self.dense = None  # the model's own Dense head (teachers.N.dense), applied after pooling
-        if teacher.dense:
-            self.dense = load_dense(
+        self.dense = None  # the model's own Dense head(s) (teachers.N.dense), applied after pooling
+        heads = [
+            load_dense(
                 teacher.model,
-                teacher.dense,
+                folder,
                 revision=teacher.revision,
                 trust_remote_code=teacher.trust_remote_code,
                 field=f"{self.field}.dense",
-            ).to(self.device)
+            )
+            for folder in dense_list(teacher.dense)
+        ]
+        for a, b in zip(heads, heads[1:]):
+            if a.out_features != b.in_features:
+                raise UserError(
+                    f"{self.field}.dense: a Dense module outputs {a.out_features} dims, the next takes {b.in_features}"
+                )
+        if heads:
+            self.dense = torch.nn.Sequential(*heads).to(self.device)
         self.max_length = int(max_length)
         limit = usable_positions(self.model.config)
         if limit is not None and limit < self.max_length:
@@ -235,9 +251,9 @@ class TeacherEncoder:
                 hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
                 pooled = pool(hidden, mask, self.teacher.pooling).float()
             if self.dense is not None:
-                if pooled.shape[1] != self.dense.in_features:
+                if pooled.shape[1] != self.dense[0].in_features:
                     raise UserError(
-                        f"{self.field}.dense: the Dense module takes {self.dense.in_features}-d input; "
+                        f"{self.field}.dense: the Dense module takes {self.dense[0].in_features}-d input; "
                         f"{self.teacher.model} pools to {pooled.shape[1]}-d"
                     )
                 pooled = self.dense(pooled)
@@ -312,7 +328,7 @@ def run_precompute(cfg: ExperimentConfig) -> list[Path]:
     # A plain PartialState on a CPU machine under --multi_gpu gives N processes that each think
     # they are alone (shared/NOTES.md); cpu=True makes them one gloo group.
     state = PartialState(cpu=not torch.cuda.is_available())
-    log = print if state.is_main_process else _quiet
+    log = logger.info if state.is_main_process else _quiet
     log(
         f"precompute: world_size={state.num_processes} rank={state.process_index} "
         f"({state.distributed_type}), device {state.device}"
@@ -339,16 +355,17 @@ def _precompute_teacher(
     if build.skip:
         log(f"teacher {teacher.name}: cache at {folder} is complete and matches; nothing to do")
         return folder
-    if state.device.type == "cpu" and teacher.dtype != "float32":
-        log(f"teachers.{index}.dtype: {teacher.dtype} on CPU is slow; float32 is the CPU setting")
-    encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=log)
+    if state.device.type == "cpu" and teacher.dtype != "float32" and state.is_main_process:
+        logger.warning(f"teachers.{index}.dtype: {teacher.dtype} on CPU is slow; float32 is the CPU setting")
+    warn = logger.warning if state.is_main_process else _quiet
+    encoder = TeacherEncoder(teacher, max_length=max_length, index=index, device=state.device, log=warn)
     dim = encoder.dim
     encoder.truncated = 0  # count corpus texts only, not the dim probe
     todo = on_main(state, lambda: build.start(dim, corpus.row_hashes))
     bounds = build.bounds()
     mine = [i for i in todo if i % state.num_processes == state.process_index]
     bar = None
-    if state.is_main_process and cfg.logging.progress:
+    if state.is_main_process and cfg.logging.progress and logs.show_progress():
         from tqdm.auto import tqdm
 
         who = f" (rank 0 of {state.num_processes})" if state.num_processes > 1 else ""
@@ -373,7 +390,7 @@ def _precompute_teacher(
     invalid = manifest["invalid_rows"]
     if invalid:
         shown = ", ".join(map(str, invalid[:5])) + (", ..." if len(invalid) > 5 else "")
-        log(
+        warn(
             f"{build.label}: {len(invalid)} rows gave NaN/inf vectors (rows {shown}); stored as zeros and "
             f"listed in manifest invalid_rows (valid_mask excludes them)"
         )

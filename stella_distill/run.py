@@ -4,6 +4,7 @@ Layout of ``output_dir``::
 
     config.yaml                        the resolved config of the last `train`
     metrics.jsonl                      one JSON row per logged step and per evaluation (main process)
+    wandb/, logs/<project>/            the trackers of logging.report_to (metrics.py)
     checkpoints/step-00000500/         accelerate state, student/, config.yaml, trainer_state.json
     checkpoints/step-00000700-end/     the end of a stage (same content)
     final/student/, final/trainer_state.json    the trained student
@@ -365,52 +366,6 @@ def resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Pos
 # The metrics log and the evaluation record
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the run folder (main process only) and wandb when enabled."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, main: bool):
-        self.main = main
-        self.path = Path(run_dir) / METRICS_FILE
-        self.wandb = None
-        if not main or cfg.logging.wandb.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-            return
-        import wandb
-
-        mode = cfg.logging.wandb.mode
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            try:
-                logged_in = bool(wandb.api.api_key)
-            except Exception:
-                logged_in = False
-            if not logged_in:
-                print("wandb: no API key set; logging offline (sync later with `wandb sync`)")
-                mode = "offline"
-        self.wandb = wandb.init(
-            project=cfg.logging.wandb.project,
-            entity=cfg.logging.wandb.entity,
-            name=cfg.name,
-            dir=str(run_dir),
-            mode=mode,
-            config=cfg.to_dict(),
-            resume="allow",
-        )
-
-    def log(self, row: dict) -> None:
-        """Append one row (and send its numbers to wandb)."""
-        if not self.main:
-            return
-        with writing(self.path), self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(
-                {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step")
-            )
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def truncate_metrics(run_dir: Path, global_step: int) -> int:
     """Drop the rows of ``metrics.jsonl`` logged after ``global_step`` (a resumed run logs them again,
     so no step is ever recorded twice); returns how many were dropped. Rewritten atomically."""
@@ -488,7 +443,7 @@ def _is_student(path: Path) -> bool:
 def _config_near(*folders: Path | None) -> ExperimentConfig | None:
     for folder in folders:
         if folder is not None and (folder / CONFIG_FILE).is_file():
-            return load_config(folder / CONFIG_FILE)
+            return load_config(folder / CONFIG_FILE, resolve_models=False)  # written resolved
     return None
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stella_distill import losses, run
+from stella_distill import logs, losses, metrics, run
 from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
 from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows
 from stella_distill.distributed import (
-    check_precision,
     check_sharding_setup,
+    check_stages,
     deepspeed_stage_config,
     gather_outputs,
     make_accelerator,
@@ -34,10 +34,13 @@ from stella_distill.distributed import (
     shards_parameters,
 )
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
 from stella_distill.packed import to_device
 from stella_distill.pooling import load_model_config, usable_positions
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
+
+logger = get_logger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -180,14 +183,19 @@ def _scheduler(optimizer, stage: StageConfig, steps: int):
     )
 
 
-def train(cfg: ExperimentConfig) -> Path:
-    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder."""
+def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
+    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder.
+
+    Scalars go to ``metrics.jsonl`` and to the trackers of ``logging.report_to``; ``trackers`` adds
+    accelerate ``GeneralTracker`` objects of your own.
+    """
     if not cfg.stages:
         raise UserError("stages: no training stages configured")
-    accelerator = make_accelerator()
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(metrics.trackers(cfg) + list(trackers), str(run_dir / metrics.LOGS))
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
-    run_dir = Path(cfg.output_dir)
+    check_stages(cfg, accelerator)  # every stage before the first trains, not hours later
     taken = on_main(accelerator, lambda: run.hold_lock(run_dir, "train"))  # one job per run folder
     try:
         return _train(cfg, accelerator, world, run_dir)
@@ -244,7 +252,9 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
     quiet = not accelerator.is_main_process
-    corpus: Corpus = load_corpus(cfg.data, log=(lambda *a: None) if quiet else print, cache_dir=cfg.cache_dir)
+    corpus: Corpus = load_corpus(
+        cfg.data, log=(lambda *a: None) if quiet else logger.info, cache_dir=cfg.cache_dir
+    )
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
@@ -271,9 +281,9 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
         run.truncate_metrics(run_dir, pos.global_step)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
-    log = run.MetricsLog(cfg, run_dir, accelerator.is_main_process)
+    log = metrics.MetricsLog(cfg, run_dir, accelerator)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"train: {len(train_rows)} training rows, {len(eval_rows)} held out, target dim {target_dim}, "
             f"world_size={world}, device={accelerator.device}"
             + (f", resuming from {resume_from}" if resume_from else "")
@@ -306,7 +316,7 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
             pos.global_step,
             lambda folder: student.save_pretrained(folder, state_dict=state_dict),
         )
-        print(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
+        logger.info(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
     accelerator.wait_for_everyone()
     log.close()
     return run_dir
@@ -318,15 +328,6 @@ def run_stage(
 ):  # fmt: skip
     """Train one stage: fresh optimizer and schedule, from the weights `model` holds (or `resume_dir`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.distributed_type.value == "DEEPSPEED" and (
-        stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
-    ):
-        # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
-        # accumulation and GradCache call backward() several times per optimizer step.
-        raise UserError(
-            f"stages.{stage_index}.grad_accumulation / train.embedding_chunk_size: not supported under "
-            f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
-        )
     torch.manual_seed(cfg.seed + 1 + stage_index)  # a stage starts from the same RNG state, resumed or not
     student = accelerator.unwrap_model(model)
     trainable = student.set_trainable(stage.trainable, stage.last_layers)
@@ -339,7 +340,6 @@ def run_stage(
     optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
-    check_precision(stage, stage_index, accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
         deepspeed_stage_config(accelerator, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -360,7 +360,7 @@ def run_stage(
     for _ in range(start_step * stage.grad_accumulation):  # data position: skip what the checkpoint consumed
         next(batches)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"stage {stage_index} '{stage.name}': {stage.trainable}, {len(trainable)} trainable tensors, "
             f"{steps} steps, global batch {global_batch} x {stage.grad_accumulation}, lr {stage.lr}"
         )
@@ -594,7 +594,7 @@ def _autocast(stage: StageConfig, accelerator):
 def _progress(cfg, accelerator, total, initial, name):
     from tqdm.auto import tqdm
 
-    disable = not (cfg.logging.progress and accelerator.is_main_process)
+    disable = not (cfg.logging.progress and accelerator.is_main_process and logs.show_progress())
     return tqdm(total=total, initial=initial, desc=f"stage {name}", disable=disable, dynamic_ncols=True)
 
 

@@ -28,7 +28,8 @@ def make_student(model: Path, target_dim: int, seed: int) -> StudentModel:
                 "target_dim": target_dim,
                 "mrl": {"mode": "heads", "dims": [16, 8]},
             },
-        }
+        },
+        resolve_models=False,  # the teacher is a placeholder: only the student is built
     )
     torch.manual_seed(seed)
     student = StudentModel.from_config(cfg.student, target_dim=target_dim, max_length=64)

@@ -59,7 +59,10 @@ def config_dict(run_dir: Path, model: Path, teacher: Path, pooling: str, mode: s
 
 
 def build_student(cfg, seed: int) -> StudentModel:
-    """A student whose heads are random and whose backbone moved away from the pristine weights."""
+    """A student whose heads are random and whose backbone moved away from the pristine weights.
+
+    ``cfg`` is read with ``resolve_models=False``: its teachers are placeholders (no cache is built), so
+    its target_dim is not the teachers' dims."""
     torch.manual_seed(seed)
     student = StudentModel.from_config(cfg.student, target_dim=24, max_length=cfg.data.max_length)
     with torch.no_grad():
@@ -100,7 +103,7 @@ def runs(tmp_path_factory, tiny_bert, tiny_qwen2, tiny_bert4):
     for i, (key, (model, pooling, mode, extra)) in enumerate(specs.items()):
         run_dir = root / f"run-{key}"
         raw = config_dict(run_dir, model, tiny_bert4, pooling, mode, **extra)
-        student = build_student(from_dict(raw), seed=i)
+        student = build_student(from_dict(raw, resolve_models=False), seed=i)
         write_run(run_dir, raw, student)
         folder = export.export_run(run_dir, root / f"export-{key}")
         out[key] = {"run": run_dir, "dir": folder, "student": student, "raw": raw}
@@ -374,7 +377,7 @@ def test_sharded_fsdp_checkpoint_exports_same_weights(runs, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     raw = dict(runs["heads"]["raw"], output_dir=str(tmp_path / "run"))
-    student = build_student(from_dict(raw), seed=7)
+    student = build_student(from_dict(raw, resolve_models=False), seed=7)
     run_dir = tmp_path / "run"
     write_run(run_dir, raw, None, final=False)
     ckpt = run_dir / "checkpoints" / "step-00000005-end"
@@ -404,7 +407,7 @@ def test_newest_checkpoint_by_global_step(runs, tmp_path):
     write_run(run_dir, raw, None, final=False)
     students = {}
     for name, step in (("zz-early", 3), ("aa-late", 9)):  # names sort opposite to steps
-        students[step] = build_student(from_dict(raw), seed=step)
+        students[step] = build_student(from_dict(raw, resolve_models=False), seed=step)
         students[step].save_pretrained(run_dir / "checkpoints" / name / "student")
         (run_dir / "checkpoints" / name / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     source = find_source(run_dir)

@@ -467,8 +467,8 @@ def test_nan_teacher_rows_are_reported_stored_as_zeros_and_masked(
 
     monkeypatch.setattr(TeacherEncoder, "encode", encode_with_nans)
     (folder,) = run_precompute(from_dict(make_config(tmp_path, tiny_bert, corpus)))
-    out = capsys.readouterr().out
-    assert "3 rows gave NaN/inf vectors (rows 3, 17, 18)" in out
+    err = capsys.readouterr().err  # a warning: stderr, shown under -q too
+    assert "3 rows gave NaN/inf vectors (rows 3, 17, 18)" in err
     cache = TeacherCache(folder)
     assert cache.manifest["invalid_rows"] == [3, 17, 18]
     assert np.flatnonzero(~cache.valid_mask).tolist() == [3, 17, 18]

@@ -471,7 +471,7 @@ def test_stage_precision_against_the_launchers(capsys):
     with pytest.raises(UserError, match=r"^stages\.2\.mixed_precision: fp16 needs loss scaling"):
         check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
     check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
-    assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().out
+    assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().err
 
 
 def test_sharding_setups_that_would_lose_rank_0s_weights_are_refused(tmp_path, models):
