@@ -507,6 +507,19 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def check_teacher_dims(cfg: ExperimentConfig, dims: list[int]) -> None:
+    """The teachers' output dims (from their files, or from their caches) against ``student.target_dim``,
+    ``student.mrl.dims`` and ``export.default_dim``."""
+    st, total = cfg.student, sum(dims)
+    if st is not None and st.target_dim is not None and st.target_dim != total:
+        parts = " + ".join(f"{d} ({t.name})" for d, t in zip(dims, cfg.teachers))
+        raise ConfigError(
+            f"student.target_dim: {st.target_dim} differs from the teachers' concatenated dim "
+            f"{parts} = {total}; leave it unset or make it match"
+        )
+    check_dims(cfg, total)
+
+
 def check_dims(cfg: ExperimentConfig, target: int | None) -> None:
     """``student.mrl.dims`` and ``export.default_dim`` against the student's target dim (None: not known
     yet; the teachers' dims decide it). Checked at load time, again when the models' files tell the

@@ -532,7 +532,7 @@ class _Rows:
 
 
 # ---------------------------------------------------------------------------------------------
-# Row splits
+# Row splits and batch orders
 
 
 def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, seed: int):
@@ -548,3 +548,33 @@ def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, 
     kept[held] = False
     del held  # rows are sorted, so the rest in order is the sorted rest: no sorted copy of a permutation
     return rows[kept], eval_rows
+
+
+def batch_order(
+    rows: np.ndarray, lengths: np.ndarray, global_batch: int, seed: int, group_by_length: bool
+) -> list[np.ndarray]:
+    """One epoch of global batches: a seeded shuffle, optionally grouped by length (mega-batches of
+    50 batches sorted by length, then the batches shuffled) so little compute goes to padding."""
+    rng = np.random.default_rng(seed)
+    order = rows[rng.permutation(len(rows))]
+    if group_by_length:
+        mega = global_batch * 50
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def stage_batches(train_rows, lengths, global_batch, seed, group_by_length):
+    """Endless stream of global batches for one stage: epoch after epoch, each seeded by its index."""
+    epoch = 0
+    while True:
+        batches = batch_order(train_rows, lengths, global_batch, seed * 100003 + epoch, group_by_length)
+        if not batches:
+            raise UserError(
+                f"stages: a global batch of {global_batch} rows is larger than the {len(train_rows)} training rows"
+            )
+        yield from batches
+        epoch += 1

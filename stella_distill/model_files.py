@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stella_distill.config import ExperimentConfig, TeacherConfig, check_dims
+from stella_distill.config import ExperimentConfig, TeacherConfig, check_teacher_dims
 from stella_distill.errors import ConfigError, UserError
 from stella_distill.hub import dense_location, looks_local, offline
 from stella_distill.logs import get_logger
@@ -48,6 +48,23 @@ _LEGACY_POOLING_KEYS = {
 _APPLIED = ("Transformer", "Pooling", "Dense", "Normalize")
 _HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+# Architectures whose position ids start after the padding index (fairseq's convention): their table
+# has two rows more than the positions a text can use (RoBERTa and XLM-R: 514 rows, 512 positions).
+PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "ernie_m", "luke")
+
+
+def usable_positions(config: Any) -> int | None:
+    """How many tokens a model's position table takes, from its config (a ``PretrainedConfig`` or the
+    ``config.json`` mapping); None where the config sets no table."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    limit = get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    if get("model_type") in PADDING_OFFSET_MODELS:
+        limit -= (get("pad_token_id") or 1) + 1
+    return limit
 
 
 class _Unreadable:
@@ -330,14 +347,14 @@ def check_models(cfg: ExperimentConfig, teacher_files: list[ModelFiles]) -> None
     if student is None:
         return
     if None not in dims:
-        total = sum(dims)
-        if student.target_dim is not None and student.target_dim != total:
-            parts = " + ".join(f"{d} ({t.name})" for d, t in zip(dims, cfg.teachers))
-            raise ConfigError(
-                f"student.target_dim: {student.target_dim} differs from the teachers' concatenated dim "
-                f"{parts} = {total}; leave it unset or make it match"
-            )
-        check_dims(cfg, total)
+        check_teacher_dims(cfg, dims)
+    st_config = files["student"].config
+    positions = usable_positions(st_config) if st_config and not files["student"].remote_code else None
+    if positions is not None and cfg.data.max_length > positions:
+        raise ConfigError(
+            f"data.max_length: {cfg.data.max_length} tokens is more than the student's {positions} positions "
+            f"({student.model}); lower it to {positions} at most"
+        )
     layers = files["student"].num_layers
     if layers is None:
         return

@@ -64,34 +64,6 @@ def _needs_remote_code(name_or_path: str) -> bool:
         return False
 
 
-# Architectures whose position ids start after the padding index (fairseq's convention): their table
-# has two rows more than the positions a text can use (RoBERTa and XLM-R: 514 rows, 512 positions).
-PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "ernie_m", "luke")
-
-
-def usable_positions(config) -> int | None:
-    """How many tokens a model's position table takes, from its config (None: no fixed table known)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return None
-    if getattr(config, "model_type", None) in PADDING_OFFSET_MODELS:
-        limit -= (getattr(config, "pad_token_id", None) or 1) + 1
-    return limit
-
-
-def load_model_config(name_or_path: str, *, revision: str | None, trust_remote_code: bool, field: str):
-    """``AutoConfig.from_pretrained`` (no weights: cheap) with a clear error naming ``field``."""
-    from transformers import AutoConfig
-
-    return _load(
-        AutoConfig.from_pretrained,
-        name_or_path,
-        field=field,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
-
-
 def load_tokenizer(name_or_path: str, *, revision: str | None, trust_remote_code: bool, field: str):
     """``AutoTokenizer.from_pretrained`` with a clear error naming the config field on failure."""
     from transformers import AutoTokenizer

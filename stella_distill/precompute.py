@@ -29,7 +29,7 @@ from stella_distill.data import Corpus, load_corpus
 from stella_distill.distributed import on_main
 from stella_distill.errors import UserError, first_line
 from stella_distill.logs import get_logger
-from stella_distill.model_files import dense_list, resolve_teacher
+from stella_distill.model_files import dense_list, resolve_teacher, usable_positions
 from stella_distill.packed import PACKED_ATTENTION, pack, pool_packed, to_device, use_packed_attention
 from stella_distill.pooling import (
     DTYPES,
@@ -37,7 +37,6 @@ from stella_distill.pooling import (
     load_dense,
     load_tokenizer,
     pool,
-    usable_positions,
     with_prompt,
 )
 

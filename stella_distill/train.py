@@ -22,8 +22,8 @@ import torch
 
 from stella_distill import logs, losses, metrics, run
 from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
-from stella_distill.config import ExperimentConfig, StageConfig, dump_config
-from stella_distill.data import Corpus, load_corpus, split_rows
+from stella_distill.config import ExperimentConfig, StageConfig, check_teacher_dims, dump_config
+from stella_distill.data import Corpus, load_corpus, split_rows, stage_batches
 from stella_distill.distributed import (
     check_sharding_setup,
     check_stages,
@@ -36,7 +36,6 @@ from stella_distill.distributed import (
 from stella_distill.errors import UserError
 from stella_distill.logs import get_logger
 from stella_distill.packed import to_device
-from stella_distill.pooling import load_model_config, usable_positions
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
 
@@ -50,36 +49,6 @@ class NonFiniteLossError(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Rows, batches and targets
-
-
-def batch_order(
-    rows: np.ndarray, lengths: np.ndarray, global_batch: int, seed: int, group_by_length: bool
-) -> list[np.ndarray]:
-    """One epoch of global batches: a seeded shuffle, optionally grouped by length (mega-batches of
-    50 batches sorted by length, then the batches shuffled) so little compute goes to padding."""
-    rng = np.random.default_rng(seed)
-    order = rows[rng.permutation(len(rows))]
-    if group_by_length:
-        mega = global_batch * 50
-        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def stage_batches(train_rows, lengths, global_batch, seed, group_by_length):
-    """Endless stream of global batches for one stage: epoch after epoch, each seeded by its index."""
-    epoch = 0
-    while True:
-        batches = batch_order(train_rows, lengths, global_batch, seed * 100003 + epoch, group_by_length)
-        if not batches:
-            raise UserError(
-                f"stages: a global batch of {global_batch} rows is larger than the {len(train_rows)} training rows"
-            )
-        yield from batches
-        epoch += 1
 
 
 def stage_steps(stage: StageConfig, n_train: int, global_batch: int) -> int:
@@ -205,42 +174,12 @@ def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Cross-field limits that need the models, checked before the corpus, caches and student load.
-
-    ``data.max_length`` must fit the student's position table (past it, absolute-position models fail
-    at the first long batch); the cached teachers' dims (read from their manifests) must agree with
-    ``student.target_dim``, ``student.mrl.dims`` and ``export.default_dim``.
-    """
-    st = cfg.student
-    config = load_model_config(st.model, revision=st.revision, trust_remote_code=st.trust_remote_code,
-                               field="student.model")  # fmt: skip
-    positions = usable_positions(config)
-    if positions is not None and cfg.data.max_length > positions:
-        raise UserError(
-            f"data.max_length: {cfg.data.max_length} tokens is more than the student's {positions} positions "
-            f"({st.model}); lower it to {positions} at most"
-        )
+    """The cached teachers' dims (their manifests read, nothing verified) against the student and export
+    settings, before the corpus, the caches and the student load. (The models' own files were checked
+    when the config loaded: ``model_files.check_models``.)"""
     dims = [peek_dim(cache_folder(cfg, t)) for t in cfg.teachers]
-    if None in dims:
-        return  # a cache is not built yet: open_caches names it
-    target = st.target_dim or sum(dims)
-    if st.target_dim is not None and st.target_dim != sum(dims):
-        shown = " + ".join(f"{d} ({t.name})" for d, t in zip(dims, cfg.teachers))
-        raise UserError(
-            f"student.target_dim: {st.target_dim} differs from the teachers' concatenated dim "
-            f"{shown} = {sum(dims)}; leave it unset or make it match"
-        )
-    for d in st.mrl.dims:
-        if d >= target:
-            relation = "is larger than" if d > target else "equals"
-            raise UserError(
-                f"student.mrl.dims: dim {d} {relation} the target dim {target}; list only reduced dims"
-            )
-    default = cfg.export.default_dim
-    if default is not None and default != target and default not in st.mrl.dims and st.mrl.mode != "truncate":
-        raise UserError(
-            f"export.default_dim: {default} is not an offered dim ({', '.join(map(str, [target, *st.mrl.dims]))})"
-        )
+    if None not in dims:  # else a cache is not built yet: open_caches names it
+        check_teacher_dims(cfg, dims)
 
 
 def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Path:

@@ -33,7 +33,7 @@ def base(tiny_bert, tiny_bert4, tmp_path_factory) -> dict:
         "name": "checks",
         "output_dir": str(root / "run"),
         "cache_dir": str(root / "cache"),
-        "data": {"train": [{"path": str(corpus)}]},
+        "data": {"train": [{"path": str(corpus)}], "max_length": 64},
         "teachers": [
             {"name": "t32", "model": str(tiny_bert), "pooling": "mean"},
             {"name": "t48", "model": str(tiny_bert4), "pooling": "cls"},

@@ -421,7 +421,7 @@ def test_resume_refuses_changed_stage_list(tmp_path, models):
 
 
 def test_batch_order_is_world_size_independent():
-    from stella_distill.train import batch_order
+    from stella_distill.data import batch_order
 
     rows = np.arange(100)
     lengths = np.random.default_rng(0).integers(1, 50, 100)

@@ -66,8 +66,7 @@ def test_precompute_reports_the_rows_and_lists_them_invalid(poisoned_run):
 
 def test_training_never_sees_the_invalid_rows(poisoned_run):
     from stella_distill.cache import TeacherCache
-    from stella_distill.data import split_rows
-    from stella_distill.train import batch_order
+    from stella_distill.data import batch_order, split_rows
 
     cfg, _, train = poisoned_run
     assert "train: 85 training rows, 8 held out" in train.out, train.out  # 96 - 3 invalid - 8 held out
