@@ -390,9 +390,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("teachers: at least one teacher is required")
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
-        if not t.name.strip() or "/" in t.name or "\\" in t.name or t.name.startswith("."):
+        if (
+            not t.name.strip()
+            or "/" in t.name
+            or "\\" in t.name
+            or t.name.startswith(".")
+            or any(ord(c) < 32 for c in t.name)
+        ):
             raise ConfigError(
-                f"teachers.{i}.name: must be a folder name without '/' that does not start with '.'; "
+                f"teachers.{i}.name: must be a folder name without '/' or control characters that does not "
+                f"start with '.'; "
                 f"got {show(t.name)}"
             )
         _path(t.name, f"teachers.{i}.name")
