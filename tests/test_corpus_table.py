@@ -329,6 +329,8 @@ texts = hashlib.sha256("\\n".join(corpus.texts).encode()).hexdigest()
 out = {"world": state.num_processes, "type": str(state.distributed_type), "texts": texts,
        "fingerprint": corpus.fingerprint, "rows": len(corpus), "path": str(corpus.path)}
 open(f"{sys.argv[3]}/rank{state.process_index}.json", "w").write(json.dumps(out))
+from stella_distill.distributed import leave_process_group
+leave_process_group()  # as every verb ends: a gloo group left to interpreter shutdown can abort
 """
 
 
