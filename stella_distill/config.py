@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -193,6 +194,20 @@ class ExportConfig:
     default_prompt_name: str | None = _f(None, doc="prompt applied when encode() names none")
     push_to_hub: str | None = _f(None, doc="Hub repo id to push to after export (e.g. org/name)")
     private: bool = _f(False, doc="create the Hub repo as private")
+    layout: Literal["per-dim", "single"] = _f(
+        "per-dim",
+        doc="per-dim: also write dims/<d>/, a complete sentence-transformers folder per offered dim (files "
+        "shared by hard link; on the Hub: branch dim-<d>), so any tool loads any dim; single: one folder",
+    )
+    license: str | None = _f(
+        None, doc="license id for the model card, e.g. apache-2.0 or mit (the Hub's ids)"
+    )
+    language: list[str] = _f(factory=list, doc="language codes of the training data for the card, e.g. [en]")
+    datasets: list[str] | None = _f(
+        None,
+        doc="Hub dataset ids for the card's metadata (null: the Hub ids among data.train; local files "
+        "are named in the card's text)",
+    )
 
 
 @dataclass
@@ -441,6 +456,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                 f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts "
                 f"({', '.join(ex.prompts) or 'none defined'})"
             )
+    if ex.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", ex.license):
+        raise ConfigError(
+            f"export.license: expected a license id such as apache-2.0 or mit; got {ex.license!r}"
+        )
+    for i, code in enumerate(ex.language):
+        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", code):
+            raise ConfigError(
+                f"export.language.{i}: expected a language code such as en or pt-BR; got {code!r}"
+            )
+    for i, name in enumerate(ex.datasets or []):
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith(".") or ".." in name:
+            raise ConfigError(f"export.datasets.{i}: expected a Hub dataset id (org/name); got {name!r}")
     if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
         raise ConfigError(
             f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "
