@@ -363,7 +363,9 @@ def _training_data(data: CardData) -> list[str]:
     lines = ["## Training data", ""]
     for s in cfg.data.train:
         where = "Hub dataset" if is_hub_id(s.path) else "local file"
-        extra = f"{where}; split {s.split}{f', subset {s.subset}' if s.subset else ''}, field `{s.text_field}`"
+        extra = (
+            f"{where}; split {s.split}{f', subset {s.subset}' if s.subset else ''}, field `{s.text_field}`"
+        )
         lines.append(f"- `{s.path}` ({extra}{f', first {s.limit}' if s.limit else ''})")
     if cfg.data.limit:
         lines.append(f"- at most {cfg.data.limit} texts in all")
