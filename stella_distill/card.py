@@ -26,7 +26,7 @@ from stella_distill.files import atomic_write
 from stella_distill.hub import is_hub_id
 from stella_distill.layout import INFO_FILE, Layout, dim_revision, read_info
 from stella_distill.plots import BASELINE_STYLE, DIM_PLOT, LOSS_PLOT, plot_loss_curve, plot_metrics_by_dim
-from stella_distill.run import BASELINE_FILE, EVAL_FILE, last_eval_row, read_metrics
+from stella_distill.run import BASELINE_FILE, EVAL_FILE, read_metrics, summarize_training
 from stella_distill.tables import read_json
 
 CARD_FILE = "README.md"
@@ -93,20 +93,6 @@ class CardData:
 
 # ---------------------------------------------------------------------------------------------
 # Facts: collected at export, kept in the folder
-
-
-def summarize_training(rows: list[dict]) -> dict:
-    """What the card shows of ``metrics.jsonl``: world size, last step and loss per stage, final eval."""
-    world = next((r["world_size"] for r in reversed(rows) if isinstance(r.get("world_size"), int)), None)
-    stages: dict[str, dict] = {}
-    for r in rows:
-        i = r.get("stage_index")
-        if isinstance(i, int) and isinstance(r.get("step"), int):
-            stage = stages.setdefault(str(i), {"last_step": 0, "last_loss": None})
-            stage["last_step"] = max(stage["last_step"], r["step"])
-            if isinstance(r.get("loss"), (int, float)):
-                stage["last_loss"] = r["loss"]
-    return {"world_size": world, "stages": stages, "final_eval": last_eval_row(rows)}
 
 
 def collect_facts(

@@ -40,7 +40,7 @@ from stella_distill.errors import UserError
 from stella_distill.evalsets import BeirSet, names, read_beir, read_sts
 from stella_distill.export import write_card
 from stella_distill.files import atomic_write
-from stella_distill.layout import load, read_info, read_layout, set_dim
+from stella_distill.layout import is_export_root, load, read_layout, set_dim
 from stella_distill.plots import DIM_PLOT, plot_metrics_by_dim
 from stella_distill.run import EVAL_FILE, find_eval
 
@@ -385,7 +385,7 @@ def evaluate_model(
             "batch_size": batch_size,
         },
     }
-    ours = read_info(model_dir).get("files") is not None
+    ours = is_export_root(model_dir)
     baseline = load_facts(model_dir).get("baseline") if ours else None
     kept = _merge(find_eval(model_dir), result) if ours else None
     plot = _write_result(out_dir, kept if out_dir == model_dir and ours else result, baseline)

@@ -11,17 +11,14 @@ sentence-transformers installed (no ``trust_remote_code``, no stella_distill imp
     1_Pooling/config.json              mean | cls | lasttoken, as the student pooled
     2_Dense_{d}/                       Linear(hidden, d) with bias, Identity activation
     config_sentence_transformers.json  prompts, default_prompt_name, similarity_fn_name, truncate_dim
-    stella_distill.json                MRL mode, offered dims, provenance (optional for loading)
+    stella_distill.json                MRL mode, offered dims, provenance, the card's facts (not needed to load)
+    dims/{d}/                          export.layout per-dim: a complete folder per offered dim (see layout.py)
 
 ``modules.json`` uses the legacy ``sentence_transformers.models.*`` type strings and the module configs
 use their legacy keys, which serving stacks (TEI, vLLM) parse. The MRL part of the student maps to:
-
-- ``heads``: one ``2_Dense_{d}`` folder per offered dim (the full target dim included), with
-  ``modules.json`` naming the default one, like the released Stella models. ``load(path, dim)``
-  swaps in another head.
-- ``truncate``: one ``2_Dense_{full}`` and ``truncate_dim`` (the default dim) in
-  ``config_sentence_transformers.json``; every prefix is a valid embedding.
-- ``none``: one ``2_Dense_{full}``.
+``heads``: one ``2_Dense_{d}`` per offered dim (the full target dim included), ``modules.json`` naming
+the default, like the released Stella models; ``truncate``: one ``2_Dense_{full}`` and ``truncate_dim``
+(the default dim), every prefix an embedding; ``none``: one ``2_Dense_{full}``.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import torch
 from stella_distill import card
 from stella_distill.errors import UserError, write_failure
 from stella_distill.files import replace_folder
-from stella_distill.layout import INFO_FILE, check_dim, dim_folder, load, read_info, read_layout, set_dim
+from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_root, load, read_layout, set_dim
 from stella_distill.push import check_target, push_folder
 from stella_distill.run import Source, consolidate_state_dict, find_source, read_metrics
 from stella_distill.student import StudentModel
@@ -446,7 +443,7 @@ def write_card(
     if repo_id is not None:
         facts.update(repo_id=repo_id, revision=revision)
     try:
-        if read_info(folder):
+        if (folder / INFO_FILE).is_file():  # ours: the facts stay with the folder
             card.save_facts(folder, facts)
         data = card.card_data(folder, read_layout(folder), facts, model_ref=model_ref)
         return card.write_model_card(folder, data, rows)
@@ -469,7 +466,7 @@ def push_export(
     (``push.push_folder``). Returns the commit or pull-request URLs."""
     check_target(repo_id, revision, what)
     folder = Path(folder)
-    if read_info(folder) and (folder / "modules.json").is_file():
+    if (folder / "modules.json").is_file() and is_export_root(folder):
         write_card(folder, repo_id=repo_id, revision=revision)
     return push_folder(
         folder, repo_id, revision=revision, create_pr=create_pr, private=private,

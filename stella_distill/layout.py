@@ -56,6 +56,12 @@ def read_info(path: str | Path) -> dict:
     return read_object(info_file) if info_file.is_file() else {}
 
 
+def is_export_root(path: str | Path) -> bool:
+    """Whether ``path`` is the root of an export of ours (its ``stella_distill.json`` lists its files);
+    only those get their card and results rewritten."""
+    return isinstance(read_info(path).get("files"), list)
+
+
 def check_dim(dim: int, mode: str, dims: list[int], full: int, where: str) -> int:
     """``dim`` when the folder offers it (any prefix 1..full in truncate mode); ``UserError`` otherwise."""
     dim = int(dim)
