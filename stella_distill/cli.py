@@ -49,10 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         help="per-dim: also dims/<d>/, a complete folder per offered dim (export.layout, default per-dim)",
     )
 
-    pu = sub.add_parser(
-        "push",
-        help="send an export folder to the Hub as it is now (card included; each dims/<d> to branch dim-<d>)",
+    push_help = (
+        "send an export folder to the Hub as it is now (card included; each dims/<d> to branch dim-<d>)"
     )
+    pu = sub.add_parser("push", help=push_help, description=push_help)
     pu.add_argument("folder", help="export folder")
     pu.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repo (created if missing)")
     pu.add_argument(
