@@ -5,7 +5,9 @@
     python scripts/bench_losses.py --device cuda
 
 Prints two tables of forward+backward time (median of --repeats runs after one warm-up):
-1. fast vs naive at B = 32, 64, 128, on the same inputs in the same process;
+1. fast vs naive on the same inputs in the same process (CPU: B = 16 ... 128; CUDA: 16 ... 256), what
+   ``method="auto"`` picks at each B, and the measured switch point: the largest B up to which naive
+   is never slower (``losses.NAIVE_MAX_BATCH`` holds one per device type);
 2. fast alone at B = 256 ... 2048, each size in a fresh subprocess that also reports its peak memory
    growth over its own baseline, taken after a warm-up (CPU: peak RSS, reset through
    /proc/self/clear_refs and read as VmHWM, getrusage where that is missing; CUDA:
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from stella_distill.losses import NAIVE_MAX_BATCH, relative_similarity_loss, relative_similarity_loss_naive
+from stella_distill.losses import naive_max_batch, relative_similarity_loss, relative_similarity_loss_naive
 
 DIM = 1152
 
@@ -108,8 +110,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compare", default="32,64,128", help="batch sizes for fast vs naive")
+    parser.add_argument(
+        "--compare", default=None, help="batch sizes for fast vs naive (default: per device, up to 128 / 256)"
+    )
     parser.add_argument("--large", default="256,512,1024,2048", help="batch sizes for fast alone")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -122,16 +127,35 @@ def main() -> None:
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     )
     print(f"relative_similarity_loss fwd+bwd, D = {DIM}, float32, {name}, torch {torch.__version__}")
-    print(f"median of {args.repeats} after a warm-up; method='auto' uses naive for B <= {NAIVE_MAX_BATCH}\n")
-    print(f"{'B':>6} {'P':>10} {'fast ms':>10} {'naive ms':>10} {'naive/fast':>11}")
-    for b in (int(x) for x in args.compare.split(",")):
+    auto_max = naive_max_batch(torch.device(args.device))
+    print(f"median of {args.repeats} after a warm-up; method='auto' uses naive for B <= {auto_max}\n")
+    print(f"{'B':>6} {'P':>10} {'fast ms':>10} {'naive ms':>10} {'naive/fast':>11} {'auto picks':>11}")
+    compare = args.compare or (
+        "16,32,48,64,96,128" if args.device == "cpu" else "16,32,64,96,128,160,192,256"
+    )
+    rows = []
+    for b in (int(x) for x in compare.split(",")):
         student, target = make_inputs(b, args.device)
         t_fast = median_seconds(fast, student, target, args.repeats)
         naive_repeats = args.repeats if b < 128 or args.device == "cuda" else 3
         t_naive = median_seconds(relative_similarity_loss_naive, student, target, naive_repeats)
+        rows.append({"b": b, "fast_ms": t_fast * 1e3, "naive_ms": t_naive * 1e3})
+        pick = "naive" if b <= auto_max else "fast"
         print(
-            f"{b:>6} {b * (b - 1) // 2:>10} {t_fast * 1e3:>10.2f} {t_naive * 1e3:>10.1f} {t_naive / t_fast:>10.1f}x"
+            f"{b:>6} {b * (b - 1) // 2:>10} {t_fast * 1e3:>10.2f} {t_naive * 1e3:>10.2f} "
+            f"{t_naive / t_fast:>10.2f}x {pick:>11}"
         )
+    # largest measured B up to which naive was never slower than fast
+    switch = 0
+    for r in rows:
+        if r["naive_ms"] > r["fast_ms"]:
+            break
+        switch = r["b"]
+    print(
+        f"measured switch point: naive never slower up to B = {switch}; "
+        f"method='auto' switches after B = {auto_max} (losses.NAIVE_MAX_BATCH[{args.device!r}])"
+    )
+    result = {"device": name, "compare": rows, "switch_point": switch, "auto_naive_max_batch": auto_max}
 
     peak_name = "peak GPU alloc MB" if args.device == "cuda" else "peak RSS growth MB"
     print(f"\n{'B':>6} {'P':>10} {'fast ms':>10} {peak_name:>20}")
@@ -143,6 +167,12 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{b:>6} {b * (b - 1) // 2:>10} {r['seconds'] * 1e3:>10.1f} {r['peak_bytes'] / 2**20:>20.1f}")
+        result.setdefault("large", []).append(
+            {"b": b, "fast_ms": r["seconds"] * 1e3, "peak_mb": r["peak_bytes"] / 2**20}
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

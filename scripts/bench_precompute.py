@@ -3,12 +3,18 @@
 Both run in the same process, on the same model folder, texts, device, dtype and max length.
 Runs alternate (ST, ours, ST, ours, ...) and each side keeps its best of ``--repeats``, so that a
 burst of load from other jobs on a shared machine hurts both alike. Wall-clock texts/s is the
-headline; process CPU time is printed too, since it moves much less with other jobs' load.
+headline; process CPU time is printed too, since it moves much less with other jobs' load. Ours runs
+as it runs in ``precompute`` (packed, padding-free batches on a GPU in bf16/fp16) and, where that is
+packed, once more padded (``ours_padded``), so each run shows what packing is worth.
 
-    python scripts/bench_precompute.py                     # all-MiniLM-L6-v2, 5,000 texts, CPU
-    python scripts/bench_precompute.py --device cuda --dtype bfloat16
-    python scripts/bench_precompute.py --device cuda --dtype bfloat16 --gte-qwen2-shape \\
-        --passages --texts 1500 --max-lengths 512 --st-batch-sizes 32 128
+    python scripts/bench_precompute.py                     # all-MiniLM-L6-v2, 5,000 lines, CPU
+    python scripts/bench_precompute.py --issue --tokenizer TOKENIZER_DIR --device cuda --json out.json
+    python scripts/bench_precompute.py --issue --tokenizer TOKENIZER_DIR --tiny      # CPU dry run
+
+``--issue`` runs the two settings of issue 13 in one run on a random-weight gte-Qwen2-1.5B-shaped
+teacher (bf16, last-token pooling): 1,500 passages of 50-400 words at max length 512, and 8,000
+short lines at max length 128; ST at batch 32 and 128, ratios against its best. ``--tiny`` shrinks
+model and texts so the whole script runs on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -61,17 +67,17 @@ def load_texts(corpus: Path, n: int, seed: int, passages: bool) -> list[str]:
     return texts
 
 
-def make_gte_qwen2_shape(tokenizer_from: str, out: Path, dtype: torch.dtype) -> str:
-    """A gte-Qwen2-1.5B-instruct-shaped decoder with random weights (no Hub here)."""
+def make_gte_qwen2_shape(tokenizer_from: str, out: Path, dtype: torch.dtype, tiny: bool = False) -> str:
+    """A gte-Qwen2-1.5B-instruct-shaped decoder with random weights (no Hub here); ``tiny``: 2 small layers."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
 
+    shape = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960)
+    if tiny:
+        shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     config = Qwen2Config(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
+        **shape,
         num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
+        vocab_size=151936 if not tiny else 32000,
         max_position_embeddings=32768,
     )
     torch.manual_seed(0)
@@ -112,7 +118,7 @@ def timed(fn) -> tuple[float, float, np.ndarray]:
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
-def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> list[dict]:
+def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> tuple[list[dict], dict]:
     from stella_distill.config import TeacherConfig
     from stella_distill.precompute import TeacherEncoder
 
@@ -122,10 +128,19 @@ def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> 
         teacher.batch_tokens = args.batch_tokens
     if args.max_batch_size:
         teacher.max_batch_size = args.max_batch_size
-    ours = TeacherEncoder(teacher, max_length=max_length, device=args.device, log=lambda _: None)
+    notes: list[str] = []
+    packed = True if args.packed else None  # None: precompute's own choice for this device and dtype
+    ours = TeacherEncoder(teacher, max_length=max_length, device=args.device, log=notes.append, packed=packed)
+    padded = None
+    if ours.packed:
+        padded = TeacherEncoder(
+            teacher, max_length=max_length, device=args.device, log=notes.append, packed=False
+        )
     st = sentence_transformer(model, pooling, max_length, args.device, dtype)
     warm = texts[:64]
-    ours.encode(warm)
+    for encoder in (ours, padded):
+        if encoder is not None:
+            encoder.encode(warm)
     for bs in args.st_batch_sizes:
         st.encode(warm, batch_size=bs, show_progress_bar=False)
 
@@ -134,6 +149,8 @@ def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> 
         for bs in args.st_batch_sizes
     }
     runs["ours"] = lambda: ours.encode(texts)
+    if padded is not None:
+        runs["ours_padded"] = lambda: padded.encode(texts)
     best: dict[str, tuple[float, float]] = {}
     outputs = {}
     for _ in range(args.repeats):
@@ -143,8 +160,9 @@ def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> 
             w, c = best.get(name, (float("inf"), float("inf")))
             best[name] = (min(w, wall), min(c, cpu))
     ref = np.asarray(outputs[f"st_bs{args.st_batch_sizes[0]}"], dtype=np.float32)
-    mine = np.asarray(outputs["ours"], dtype=np.float32)
-    min_cos = float((ref * mine).sum(axis=1).min())
+    min_cos = {
+        k: float((ref * np.asarray(v, dtype=np.float32)).sum(axis=1).min()) for k, v in outputs.items()
+    }
     n = len(texts)
     st_names = [k for k in best if k.startswith("st_")]
     best_st = min(st_names, key=lambda k: best[k][0])
@@ -164,10 +182,17 @@ def bench(args, model: str, pooling: str, max_length: int, texts: list[str]) -> 
         "ratio_vs_st_default": best[default_st][0] / best["ours"][0],
         "ratio_vs_st_best": best[best_st][0] / best["ours"][0],
         "ratio_vs_st_default_cpu_time": best[default_st][1] / best["ours"][1],
-        "min_cosine_ours_vs_st": min_cos,
+        "min_cosine_ours_vs_st": min_cos["ours"],
+        "min_cosine_vs_st": min_cos,
         "our_batch_tokens": ours.batch_tokens,
         "our_max_batch_size": ours.max_batch_size,
+        "ours_packed": ours.packed,
+        "notes": notes,
     }
+    if padded is not None:
+        summary["ours_padded_texts_per_s"] = n / best["ours_padded"][0]
+        summary["packed_vs_padded"] = best["ours_padded"][0] / best["ours"][0]
+    runs.clear()  # the models go with the closures before the next setting loads its own
     return rows, summary
 
 
@@ -181,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gte-qwen2-shape", action="store_true", help="random-weight gte-Qwen2-1.5B-shaped teacher"
     )
+    p.add_argument("--issue", action="store_true", help="issue 13's two settings (see above) in one run")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for the random-weight teacher")
+    p.add_argument("--tiny", action="store_true", help="tiny model and few texts: a CPU dry run")
+    p.add_argument("--packed", action="store_true", help="force our packed path (default: precompute's)")
     p.add_argument("--max-lengths", type=int, nargs="+", default=[128, 256])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -205,41 +234,64 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    model = args.model or minilm_path()
+    # settings: (name, passages?, texts, max length)
+    settings = [("texts", args.passages, args.texts, m) for m in args.max_lengths]
+    if args.issue:
+        args.gte_qwen2_shape = True
+        args.st_batch_sizes = [32, 128]
+        if not args.tiny:
+            args.dtype = "bfloat16" if args.device.startswith("cuda") else args.dtype
+        settings = [("passages", True, 1500, 512), ("short", False, 8000, 128)]
+        if args.tiny:
+            settings = [("passages", True, 24, 96), ("short", False, 64, 32)]
+            args.repeats = 1
+    model = args.tokenizer or args.model or minilm_path()
     pooling = args.pooling
     tmp = None
     if args.gte_qwen2_shape:
         tmp = tempfile.TemporaryDirectory()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-        model = make_gte_qwen2_shape(model, Path(tmp.name) / "gte-qwen2-shape", dtype)
+        model = make_gte_qwen2_shape(model, Path(tmp.name) / "gte-qwen2-shape", dtype, tiny=args.tiny)
         pooling = "last_token"
-    texts = load_texts(args.corpus, args.texts, args.seed, args.passages)
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"model {model} ({pooling}), {len(texts)} texts, {args.dtype}, {device}, "
+        f"model {model} ({pooling}), {args.dtype}, {device}, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start"
     )
-    results = {"rows": [], "summaries": [], "device": device, "dtype": args.dtype, "texts": len(texts)}
-    for max_length in args.max_lengths:
+    results = {"rows": [], "summaries": [], "device": device, "dtype": args.dtype}
+    for name, passages, n, max_length in settings:
+        texts = load_texts(args.corpus, n, args.seed, passages)
         rows, summary = bench(args, model, pooling, max_length, texts)
-        results["rows"] += rows
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        summary.update(setting=name, texts=len(texts))
+        results["rows"] += [{**r, "setting": name} for r in rows]
         results["summaries"].append(summary)
+        tag = f"{name} ({len(texts)}, max_length {max_length})"
         for r in rows:
             print(
-                f"max_length {max_length:4d}  {r['method']:>8}: {r['texts_per_s']:8.1f} texts/s "
+                f"{tag}  {r['method']:>11}: {r['texts_per_s']:8.1f} texts/s "
                 f"({r['texts_per_cpu_s']:.1f} per CPU-second)"
             )
+        cosines = ", ".join(f"{k} {v:.4f}" for k, v in summary["min_cosine_vs_st"].items())
         print(
-            f"max_length {max_length:4d}  ratio ours / ST batch {summary['st_default'][5:]}: "
-            f"{summary['ratio_vs_st_default']:.2f}x (CPU time {summary['ratio_vs_st_default_cpu_time']:.2f}x); "
-            f"ours / ST best ({summary['st_best']}): {summary['ratio_vs_st_best']:.2f}x; "
-            f"min cosine {summary['min_cosine_ours_vs_st']:.6f}; "
-            f"ours: {summary['our_batch_tokens']} tokens / {summary['our_max_batch_size']} texts per batch"
+            f"{tag}  ours / ST batch {summary['st_default'][5:]}: {summary['ratio_vs_st_default']:.2f}x "
+            f"(CPU time {summary['ratio_vs_st_default_cpu_time']:.2f}x); ours / ST best "
+            f"({summary['st_best']}): {summary['ratio_vs_st_best']:.2f}x"
+            + (
+                f"; packed / padded {summary['packed_vs_padded']:.2f}x"
+                if "packed_vs_padded" in summary
+                else ""
+            )
+            + f"; min cosine to ST: {cosines}; ours packed: {summary['ours_packed']}, "
+            f"{summary['our_batch_tokens']} tokens / {summary['our_max_batch_size']} texts per batch"
         )
+        for note in summary["notes"]:
+            print(f"{tag}  note: {note}")
     print(
         f"load average {os.getloadavg()[0]:.1f} at end (a shared machine: other jobs' load moves these numbers)"
     )

@@ -184,8 +184,7 @@ def padding_stats(work: Path, model: str, args) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from stella_distill.data import split_rows
-    from stella_distill.train import stage_batches
+    from stella_distill.data import split_rows, stage_batches
 
     texts = (work / "texts.txt").read_text(encoding="utf-8").splitlines()
     ids = AutoTokenizer.from_pretrained(model)(texts, truncation=True, max_length=args.max_length)[

@@ -1,20 +1,23 @@
 """The GPU device check: one script, run once on a lent GPU machine, results into one JSON file.
 
-Sections (each in its own processes, each under its own time limit, so one failure leaves the rest):
+Sections, most important first (each in its own processes, each under its own time limit inside one
+overall budget, so one failure leaves the rest), sized to fit one 9-minute call on one H200:
 
 1. ``smoke``: ``stella-distill run`` end to end in bf16 on realistic shapes with random weights (no
    Hub on that machine): teachers shaped like gte-large-en-v1.5 (BERT-large, CLS) and
    stella_en_1.5B_v5 (Qwen2-1.5B, last-token, plus a 1536 -> 8192 ``2_Dense_8192`` head), so a
    9216-d target; student shaped like Qwen2-0.5B with gradient checkpointing and MRL heads 1024/512/256;
    three stages (head, last 3 layers, all + MRL); then export and STS evaluation of the export.
-2. ``zero2``, ``zero3``, ``fsdp``: the same three stages (fewer steps) under
-   ``accelerate launch --config_file configs/accelerate/{deepspeed_zero2,deepspeed_zero3,fsdp}.yaml
-   --num_processes 1`` on the smoke run's teacher cache, then ``stella-distill export`` from that run
-   (ZeRO-3: gathered 16-bit weights; FSDP: sharded state gathered).
-3. ``bench_losses``: ``scripts/bench_losses.py --device cuda``.
-4. ``bench_precompute``: ``scripts/bench_precompute.py`` on a gte-Qwen2-1.5B-shaped teacher, bf16,
-   1,500 passages at max length 512 (the reference setting of ../shared/NOTES.md).
+2. ``zero3``, ``zero2``, ``fsdp``: the same three stages (a few steps each) under
+   ``accelerate launch --config_file configs/accelerate/{deepspeed_zero3,deepspeed_zero2,fsdp}.yaml
+   --num_processes 1`` on the smoke run's teacher cache, then ``stella-distill export`` from that run.
+3. ``bench_precompute``: ``scripts/bench_precompute.py --issue``: issue 13's two settings on a
+   gte-Qwen2-1.5B-shaped teacher in bf16 (1,500 passages at max length 512; 8,000 short lines at 128).
+4. ``bench_stages``: ``scripts/bench_stages.py``: a plain loop against our stage 1 and stage 3 on a
+   Qwen2-1.5B-shaped student, batch 32 x 512 tokens.
+5. ``bench_losses``: ``scripts/bench_losses.py --device cuda``.
 
+    bash scripts/gpu_check.sh                                # on the GPU machine (see that file)
     python scripts/gpu_check.py --tokenizer TOKENIZER_DIR --out OUT_DIR
     python scripts/gpu_check.py --tokenizer TOKENIZER_DIR --out /tmp/x --tiny   # CPU dry run, tiny shapes
 
@@ -42,7 +45,7 @@ DISTRIBUTED = {
     "zero3": "deepspeed_zero3.yaml",
     "fsdp": "fsdp.yaml",
 }
-SECTIONS = ["smoke", "zero3", "fsdp", "bench_losses", "bench_precompute", "zero2"]
+SECTIONS = ["smoke", "zero3", "zero2", "bench_precompute", "bench_stages", "fsdp", "bench_losses"]
 
 
 def build_models(root: Path, tokenizer: Path, tiny: bool) -> dict[str, Path]:
@@ -103,7 +106,7 @@ def write_corpus(path: Path, n: int) -> Path:
 def experiment(root: Path, models: dict[str, Path], corpus: Path, tiny: bool) -> dict:
     dense = "2_Dense_96" if tiny else "2_Dense_8192"
     dims = [64, 32, 16] if tiny else [1024, 512, 256]
-    steps = (2, 2, 2) if tiny else (20, 20, 40)
+    steps = (2, 2, 2) if tiny else (10, 10, 20)
     batch = 8 if tiny else 64
     stage = {"batch_size": batch, "warmup_ratio": 0.1, "mixed_precision": "no" if tiny else "bf16"}
     return {
@@ -145,7 +148,13 @@ def experiment(root: Path, models: dict[str, Path], corpus: Path, tiny: bool) ->
             },
             {"name": "all_mrl", "trainable": "all", "steps": steps[2], "lr": 1e-4, "mrl": True, **stage},
         ],  # fmt: skip
-        "train": {"checkpoint_every": 0, "keep_checkpoints": 1, "log_every": 1, "eval_every": 0},
+        # rows every 5 steps: a row is the trainer's one device read, and per-step reads would hide its absence
+        "train": {
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "log_every": 1 if tiny else 5,
+            "eval_every": 0,
+        },
         "export": {"default_dim": dims[0]},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
         "evaluate": {"sts": [str(ROOT / "data" / "stsbenchmark" / "sts-dev.csv")], "baseline": False},
@@ -155,9 +164,10 @@ def experiment(root: Path, models: dict[str, Path], corpus: Path, tiny: bool) ->
 class Runner:
     """Runs commands under a shared deadline, appending their output to one log file."""
 
-    def __init__(self, log: Path, deadline: float):
+    def __init__(self, log: Path, deadline: float, scale: float = 1.0):
         self.log = log
         self.deadline = deadline
+        self.scale = scale  # section limits are sized for the H200; a CPU dry run takes longer
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
                     "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
         self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")])
@@ -166,7 +176,7 @@ class Runner:
         return self.deadline - time.monotonic()
 
     def __call__(self, title: str, argv: list[str], limit: float) -> dict:
-        limit = min(limit, self.left() - 5)
+        limit = min(limit * self.scale, self.left() - 5)
         if limit < 20:
             return {"rc": None, "skipped": "out of time"}
         with self.log.open("a") as f:
@@ -189,7 +199,7 @@ class Runner:
 
 
 def run_summary(run: Path) -> dict:
-    """Per stage: steps, first/last loss, median samples/s and tokens/s, peak GPU memory."""
+    """Per stage: steps, metrics rows, first/last loss, median samples/s and tokens/s, peak GPU memory."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -197,9 +207,10 @@ def run_summary(run: Path) -> dict:
     out: dict = {"world_size": sorted({r["world_size"] for r in rows if "world_size" in r})}
     for stage in dict.fromkeys(r["stage"] for r in rows if "loss" in r):
         steps = [r for r in rows if r.get("stage") == stage and "loss" in r]
-        timed = steps[2:] or steps  # the first steps include compilation and allocator warm-up
+        timed = steps[1:] or steps  # the first row's window holds compilation and allocator warm-up
         out[stage] = {
-            "steps": len(steps),
+            "steps": steps[-1].get("stage_step"),
+            "rows": len(steps),
             "first_loss": round(steps[0]["loss"], 4),
             "last_loss": round(steps[-1]["loss"], 4),
             "samples_per_s": round(statistics.median(r["samples_per_s"] for r in timed), 1),
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True)
     log = args.out / "gpu_check.log"
     log.write_text("")
-    run = Runner(log, start + args.budget)
+    run = Runner(log, start + args.budget, scale=4.0 if args.tiny else 1.0)
     result: dict = {"sections": {}}
     save = lambda: (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))  # noqa: E731
 
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             result["versions"][name] = f"missing ({type(exc).__name__})"
     t0 = time.monotonic()
     models = build_models(args.work / "models", args.tokenizer, args.tiny)
-    corpus = write_corpus(args.work / "corpus.txt", 256 if args.tiny else 8192)
+    corpus = write_corpus(args.work / "corpus.txt", 256 if args.tiny else 4096)
     cfg = experiment(args.work, models, corpus, args.tiny)
     cfg_path = args.work / "smoke.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for section in args.sections:
         if section == "smoke":
-            res = run("smoke: stella-distill run", [*cli, "run", str(cfg_path)], 240)
+            res = run("smoke: stella-distill run", [*cli, "run", str(cfg_path)], 150)
             smoke = Path(cfg["output_dir"])
             res["metrics"] = run_summary(smoke)
             for name in ("eval.json", "timings.json"):
@@ -261,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                     res[name] = json.loads(found[0].read_text())
         elif section in DISTRIBUTED:
             out_dir = args.work / "runs" / section
-            short = [f"output_dir={out_dir}", "stages.0.steps=8", "stages.1.steps=8", "stages.2.steps=16",
-                     "stages.0.batch_size=32", "stages.1.batch_size=32", "stages.2.batch_size=32"]  # fmt: skip
+            short = [f"output_dir={out_dir}", "stages.0.steps=3", "stages.1.steps=3", "stages.2.steps=4",
+                     "stages.0.batch_size=32", "stages.1.batch_size=32", "stages.2.batch_size=32",
+                     "data.eval_limit=64"]  # fmt: skip
             if args.tiny:
                 short = [f"output_dir={out_dir}"]
             res = run(
@@ -270,28 +282,33 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                  str(ROOT / "configs" / "accelerate" / DISTRIBUTED[section]), "--num_processes", "1",
                  "-m", "stella_distill", "train", str(cfg_path), *short],
-                150,
+                110,
             )  # fmt: skip
             res["metrics"] = run_summary(out_dir)
             if res["rc"] == 0:
                 res["export"] = run(
-                    f"{section}: export", [*cli, "export", str(out_dir), "--out", str(out_dir / "export")], 90
+                    f"{section}: export", [*cli, "export", str(out_dir), "--out", str(out_dir / "export")], 60
                 )
         elif section == "bench_losses":
+            js = args.work / "bench_losses.json"
             extra = ["--compare", "8,16", "--large", "32", "--repeats", "2"] if args.tiny else []
-            res = run("bench_losses", [sys.executable, "scripts/bench_losses.py",
-                                       "--device", "cuda" if not args.tiny else "cpu", *extra], 100)  # fmt: skip
+            res = run("bench_losses", [sys.executable, "scripts/bench_losses.py", "--json", str(js),
+                                       "--device", "cuda" if not args.tiny else "cpu", *extra], 60)  # fmt: skip
+            if js.is_file():
+                res["json"] = json.loads(js.read_text())
+        elif section == "bench_stages":
+            js = args.work / "bench_stages.json"
+            argv_ = [sys.executable, "scripts/bench_stages.py", "--tokenizer", str(args.tokenizer),
+                     "--json", str(js), *(["--tiny"] if args.tiny else [])]  # fmt: skip
+            res = run("bench_stages", argv_, 170)
+            if js.is_file():
+                res["json"] = json.loads(js.read_text())
         else:
             js = args.work / "bench_precompute.json"
-            argv_ = [sys.executable, "scripts/bench_precompute.py", "--model", str(args.tokenizer),
+            argv_ = [sys.executable, "scripts/bench_precompute.py", "--issue", "--tokenizer", str(args.tokenizer),
                      "--json", str(js)]  # fmt: skip
-            if args.tiny:
-                argv_[3] = str(models["teacher_large"])
-                argv_ += ["--texts", "64", "--max-lengths", "64", "--repeats", "1"]
-            else:
-                argv_ += ["--device", "cuda", "--dtype", "bfloat16", "--gte-qwen2-shape", "--passages",
-                          "--texts", "1500", "--max-lengths", "512", "--st-batch-sizes", "32", "128"]  # fmt: skip
-            res = run("bench_precompute", argv_, 150)
+            argv_ += ["--tiny"] if args.tiny else ["--device", "cuda", "--repeats", "1"]
+            res = run("bench_precompute", argv_, 130)
             if js.is_file():
                 res["json"] = json.loads(js.read_text())
         result["sections"][section] = res

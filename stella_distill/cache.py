@@ -41,7 +41,7 @@ from stella_distill.files import (
     sha256_file,
     sha256_rows,
 )
-from stella_distill.fingerprints import identity_difference, identity_field, teacher_identity
+from stella_distill.fingerprints import corpus_mismatch, teacher_identity, teacher_mismatch
 from stella_distill.tables import read_json
 from stella_distill.version import __version__
 
@@ -108,50 +108,11 @@ def _label(folder: Path) -> str:
 # What a cache is for
 
 
-def compare_teacher(recorded: dict, expected: dict, *, label: str, index: int | None) -> None:
-    """Raise :class:`CacheError` naming the first teacher field where ``recorded`` differs."""
-    diff = identity_difference(recorded, expected)
-    if diff is None:
-        return
-    key, was, now = diff
-    raise CacheError(f"{label}: built for {key} {was!r}, config says {now!r} ({identity_field(key, index)})")
-
-
-def compare_corpus(
-    label: str,
-    rows: int,
-    fingerprint: str,
-    stored_hashes: np.ndarray | None,
-    corpus_hashes: np.ndarray,
-    texts=None,
-    *,
-    corpus_fingerprint: str | None = None,
-) -> None:
-    """Raise :class:`CacheError` if the cache rows are not the corpus rows, naming the first that differs.
-
-    The rows are compared hash by hash when the cache's own row hashes are at hand (``stored_hashes``),
-    else by the corpus fingerprint (``fingerprint`` recorded, ``corpus_fingerprint`` now).
-    """
-    if rows != len(corpus_hashes):
-        raise CacheError(
-            f"{label}: built for a corpus of {rows} rows, the corpus now has {len(corpus_hashes)} "
-            f"(data.train / data.limit / data.dedupe changed)"
-        )
-    if stored_hashes is None or len(stored_hashes) != rows:
-        if fingerprint == corpus_fingerprint:
-            return
-        raise CacheError(f"{label}: built for another corpus (fingerprint {fingerprint[:12]}) (data.train)")
-    differ = np.flatnonzero(
-        np.asarray(stored_hashes, dtype=np.uint64) != np.asarray(corpus_hashes, dtype=np.uint64)
-    )
-    if not len(differ):
-        return
-    first = int(differ[0])
-    shown = f" {texts[first][:60]!r}" if texts is not None else ""
-    raise CacheError(
-        f"{label}: built for another corpus: row {first} differs (corpus text{shown}); "
-        f"{len(differ)} of {rows} rows differ (data.train)"
-    )
+def _check_identity(label: str, *mismatches: str | None) -> None:
+    """Raise :class:`CacheError` with the first mismatch (``fingerprints.*_mismatch``), if any."""
+    for message in mismatches:
+        if message:
+            raise CacheError(f"{label}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +176,11 @@ class CacheBuild:
         old = _read_build(folder)
         if old is not None:
             try:
-                compare_teacher(old, expected, label=label, index=index)
-                compare_corpus(
-                    label, int(old["rows"]), old["corpus_fingerprint"], None, corpus.row_hashes,
-                    corpus_fingerprint=corpus.fingerprint,
+                _check_identity(
+                    label,
+                    teacher_mismatch(old, expected, index),
+                    corpus_mismatch(int(old["rows"]), old["corpus_fingerprint"], None, corpus.row_hashes,
+                                    corpus_fingerprint=corpus.fingerprint),
                 )  # fmt: skip
             except CacheError as exc:
                 raise CacheError(f"{exc} (an unfinished build){refuse}") from None
@@ -511,14 +473,13 @@ class TeacherCache:
         ``teachers`` (for the field name).
         """
         label = _label(self.path)
-        compare_teacher(self.manifest, teacher_identity(teacher, max_length), label=label, index=index)
+        _check_identity(label, teacher_mismatch(self.manifest, teacher_identity(teacher, max_length), index))
         if corpus is not None:
             row_hashes = corpus.row_hashes
         if row_hashes is not None:
             texts = corpus.texts if corpus is not None else None
-            compare_corpus(
-                label, self.rows, self.manifest["corpus_fingerprint"], self.row_hashes, row_hashes, texts
-            )
+            recorded = self.manifest["corpus_fingerprint"]
+            _check_identity(label, corpus_mismatch(self.rows, recorded, self.row_hashes, row_hashes, texts))
 
 
 def _open_manifest(folder: Path) -> dict:
@@ -549,7 +510,35 @@ def _open_manifest(folder: Path) -> dict:
         )
     if manifest.get("complete") is not True:
         raise CacheError(f"{label}: the cache is not complete; run `stella-distill precompute CONFIG`")
+    _check_manifest_values(manifest, label, folder)
     return manifest
+
+
+def _check_manifest_values(m: dict, label: str, folder: Path) -> None:
+    """The numbers a reader relies on have the right types and ranges (a hand edit can keep a valid
+    checksum by recomputing it)."""
+
+    def count(key: str, least: int) -> int:
+        value = m.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CacheError(
+                f"{label}: {_MANIFEST} field {key!r} is {value!r}, not a whole number >= {least}; "
+                f"remove {folder} and rerun precompute"
+            )
+        return value
+
+    rows, _ = count("rows", 1), count("dim", 1)
+    count("shard_size", 1)
+    invalid = m.get("invalid_rows", [])
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(h, str) for h in shards):
+        raise CacheError(f"{label}: {_MANIFEST} field 'shards' is not a list of checksums; remove {folder}")
+    if not isinstance(invalid, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and 0 <= r < rows for r in invalid
+    ):
+        raise CacheError(
+            f"{label}: {_MANIFEST} field 'invalid_rows' holds values that are not row numbers; remove {folder}"
+        )
 
 
 def _open_row_hashes(folder: Path, manifest: dict) -> np.ndarray:
@@ -563,6 +552,15 @@ def _open_row_hashes(folder: Path, manifest: dict) -> np.ndarray:
     if hashes.shape != (int(manifest["rows"]),):
         raise CacheError(f"{label}: {_ROW_HASHES} has {hashes.shape} rows, manifest says {manifest['rows']}")
     return hashes
+
+
+def peek_dim(folder: Path) -> int | None:
+    """The dim a finished cache records (its manifest read, nothing verified), or None if there is none."""
+    try:
+        dim = json.loads((Path(folder) / _MANIFEST).read_text(encoding="utf-8")).get("dim")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
 def cache_folder(cfg: ExperimentConfig, teacher: TeacherConfig) -> Path:

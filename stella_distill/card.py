@@ -120,8 +120,13 @@ def collect_facts(
         "language": list(ex.language) if ex is not None else [],
         "datasets": datasets,
         "training": summarize_training(read_metrics(run_dir)),
-        "baseline": read_json(baseline) if baseline is not None and baseline.is_file() else None,
+        "baseline": _scores(read_json(baseline)) if baseline is not None and baseline.is_file() else None,
     }
+
+
+def _scores(baseline) -> dict:
+    """The ``{metric: {model: score}}`` entries of ``baseline.json`` (not its ``made_from`` stamp)."""
+    return {k: v for k, v in baseline.items() if isinstance(v, dict)} if isinstance(baseline, dict) else {}
 
 
 def save_facts(folder: Path, facts: dict) -> None:
@@ -140,8 +145,8 @@ def load_facts(folder: Path) -> dict:
 def _config(data: dict | None) -> ExperimentConfig | None:
     if not isinstance(data, dict):
         return None
-    try:
-        return from_dict(data)
+    try:  # the config as the run resolved it: its models are not looked at again
+        return from_dict(data, resolve_models=False)
     except UserError:  # written by another version of stella-distill: the card goes without it
         return None
 
@@ -335,7 +340,7 @@ def _teachers(data: CardData) -> list[str]:
     for t in cfg.teachers:
         prompt = f"`{_md_escape(t.prompt)}`" if t.prompt else "(none)"
         revision = f" @ {t.revision}" if t.revision else ""
-        dense = f" + `{t.dense}`" if t.dense else ""
+        dense = "".join(f" + `{d}`" for d in ([t.dense] if isinstance(t.dense, str) else t.dense or []))
         lines.append(
             f"| {t.name} | `{t.model}`{revision} | {t.pooling}{dense} | {prompt} | {cfg.teacher_max_length(t)} |"
         )

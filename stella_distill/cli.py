@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from stella_distill import logs
 from stella_distill.config import load_config
 from stella_distill.errors import UserError, first_line
 
@@ -83,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
             help=f"prompt of the model for {what} texts{f', e.g. {example}' if example else ''} (default: its default prompt)",
         )
     ev.add_argument("--out", default=None, help="folder for eval.json and the plot (default: MODEL_DIR)")
+    for verb in sub.choices.values():  # every verb, so they go after it: `stella-distill train -q CONFIG`
+        level = verb.add_mutually_exclusive_group()
+        level.add_argument(
+            "-q", "--quiet", action="store_true", help="print warnings and errors only; no progress bars"
+        )
+        level.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also debug lines, and the libraries' own messages and progress bars (transformers, datasets, hub)",
+        )
     return p
 
 
@@ -163,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stella-distill` command and of `python -m stella_distill`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    logs.setup(logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.NORMAL)
     try:
         code = _dispatch(args)
         if "torch" in sys.modules:  # only a verb that ran torch can have joined a process group

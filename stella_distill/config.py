@@ -34,7 +34,11 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -
     return field(default=default, metadata={"doc": doc})
 
 
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 Pooling = Literal["cls", "mean", "last_token"]
+Tracker = Literal[
+    "wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -85,15 +89,21 @@ class TeacherConfig:
     name: str = _f(doc="short unique name; the cache folder is cache_dir/<name>")
     model: str = _f(doc="Hugging Face model id or local path")
     revision: str | None = _f(None, doc="model revision (branch, tag or commit) for Hub ids")
-    pooling: Pooling = _f("mean", doc="how token states become one vector: cls, mean or last_token")
-    prompt: str = _f("", doc="text prefix added to every corpus text before encoding")
+    pooling: Pooling | None = _f(
+        None, doc="cls, mean or last_token (null: the model's own 1_Pooling mode, else mean)"
+    )
+    prompt: str | None = _f(
+        None, doc="text prefix of every corpus text (null: the model's default prompt, else none)"
+    )
     max_length: int | None = _f(None, doc="max tokens for this teacher (default: data.max_length)")
     dtype: DType = _f("float32", doc="compute dtype of the teacher forward pass")
-    normalize: bool = _f(True, doc="L2-normalise vectors before they are cached")
-    dense: str | None = _f(
+    normalize: bool = _f(
+        True, doc="L2-normalise vectors before they are cached (the target normalises anyway)"
+    )
+    dense: str | list[str] | None = _f(
         None,
-        doc="subfolder of the model (or a local folder) with a sentence-transformers Dense module "
-        "applied after pooling, e.g. 2_Dense_8192 for stella_en_1.5B_v5's 8192-d head",
+        doc="sentence-transformers Dense module(s) applied after pooling: subfolders of the model or local "
+        "folders, e.g. 2_Dense_8192 (null: the model's own, from modules.json; []: none)",
     )
     trust_remote_code: bool = _f(False, doc="allow the model's own Python code (off unless you trust it)")
     batch_tokens: int | None = _f(
@@ -181,7 +191,11 @@ class TrainConfig:
     gather_across_devices: bool = _f(True, doc="compute in-batch losses over the global batch under DDP")
     embedding_chunk_size: int | None = _f(None, doc="GradCache chunk size (texts per forward with grad)")
     eval_every: int = _f(0, doc="evaluate fidelity on held-out rows every N steps (0: stage ends only)")
-    log_every: int = _f(10, doc="write a metrics row every N optimizer steps")
+    log_every: int = _f(
+        10,
+        doc="write a metrics row every N optimizer steps (losses averaged over them); also where the trainer "
+        "reads the device (one sync) and stops on a non-finite loss or weight",
+    )
 
 
 @dataclass
@@ -195,36 +209,38 @@ class ExportConfig:
     push_to_hub: str | None = _f(None, doc="Hub repo id to push to after export (e.g. org/name)")
     private: bool = _f(False, doc="create the Hub repo as private")
     layout: Literal["per-dim", "single"] = _f(
-        "per-dim",
-        doc="per-dim: also write dims/<d>/, a complete sentence-transformers folder per offered dim (files "
-        "shared by hard link; on the Hub: branch dim-<d>), so any tool loads any dim; single: one folder",
+        "per-dim", doc="per-dim: also dims/<d>/, a complete folder per dim (Hub: branch dim-<d>); single: no"
     )
-    license: str | None = _f(
-        None, doc="license id for the model card, e.g. apache-2.0 or mit (the Hub's ids)"
-    )
+    license: str | None = _f(None, doc="the model card's license id (the Hub's), e.g. apache-2.0 or mit")
     language: list[str] = _f(factory=list, doc="language codes of the training data for the card, e.g. [en]")
-    datasets: list[str] | None = _f(
-        None,
-        doc="Hub dataset ids for the card's metadata (null: the Hub ids among data.train; local files "
-        "are named in the card's text)",
-    )
+    datasets: list[str] | None = _f(None, doc="Hub dataset ids for the card (null: Hub ids in data.train)")
 
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases logging."""
+    """Weights & Biases settings (with wandb in logging.report_to)."""
 
-    mode: Literal["online", "offline", "disabled"] = _f("offline", doc="online needs WANDB_API_KEY")
-    project: str = _f("stella-distill", doc="wandb project")
+    mode: Literal["online", "offline", "disabled"] = _f(
+        "offline",
+        doc="offline: files under output_dir/wandb, upload later with `wandb sync`; online needs a login",
+    )
+    project: str = _f(
+        "stella-distill",
+        doc="project of every tracker: wandb project, MLflow experiment, output_dir/logs/<project>",
+    )
     entity: str | None = _f(None, doc="wandb entity (team or user)")
 
 
 @dataclass
 class LoggingConfig:
-    """Where scalars go (metrics.jsonl in the run folder always)."""
+    """Where scalars go: metrics.jsonl in the run folder always, and the trackers named here."""
 
+    report_to: list[Tracker] = _f(
+        factory=lambda: ["wandb"],
+        doc="experiment trackers (through accelerate), e.g. [wandb, tensorboard]; [] for metrics.jsonl only",
+    )
     wandb: WandbConfig = _f(factory=WandbConfig, doc="Weights & Biases settings")
-    progress: bool = _f(True, doc="show progress bars")
+    progress: bool = _f(True, doc="show progress bars (never under -q)")
 
 
 @dataclass
@@ -367,9 +383,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("teachers: at least one teacher is required")
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
-        if not t.name.strip() or "/" in t.name or "\\" in t.name or t.name.startswith("."):
+        if (
+            not t.name.strip()
+            or "/" in t.name
+            or "\\" in t.name
+            or t.name.startswith(".")
+            or any(ord(c) < 32 for c in t.name)
+        ):
             raise ConfigError(
-                f"teachers.{i}.name: must be a folder name without '/' that does not start with '.'; "
+                f"teachers.{i}.name: must be a folder name without '/' or control characters that does not "
+                f"start with '.'; "
                 f"got {show(t.name)}"
             )
         _path(t.name, f"teachers.{i}.name")
@@ -379,7 +402,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             )
         seen[t.name] = i
         _path(t.model, f"teachers.{i}.model")
-        _path(t.dense, f"teachers.{i}.dense")
+        for j, dense in enumerate(t.dense if isinstance(t.dense, list) else [t.dense]):
+            _path(dense, f"teachers.{i}.dense" + (f".{j}" if isinstance(t.dense, list) else ""))
         _positive(t.max_length, f"teachers.{i}.max_length")
         _positive(t.batch_tokens, f"teachers.{i}.batch_tokens")
         _positive(t.max_batch_size, f"teachers.{i}.max_batch_size")
@@ -447,6 +471,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _positive(cfg.train.eval_every, "train.eval_every", allow_zero=True)
     _positive(cfg.train.log_every, "train.log_every")
     _positive(cfg.evaluate.batch_size, "evaluate.batch_size")
+    if len(set(cfg.logging.report_to)) != len(cfg.logging.report_to):
+        raise ConfigError(f"logging.report_to: a tracker is listed twice in {cfg.logging.report_to}")
     ex = cfg.export
     _positive(ex.default_dim, "export.default_dim")
     for what in ("sts", "query", "doc"):
@@ -456,28 +482,91 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                 f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts "
                 f"({', '.join(ex.prompts) or 'none defined'})"
             )
-    if ex.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", ex.license):
-        raise ConfigError(
-            f"export.license: expected a license id such as apache-2.0 or mit; got {ex.license!r}"
-        )
-    for i, code in enumerate(ex.language):
-        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", code):
-            raise ConfigError(
-                f"export.language.{i}: expected a language code such as en or pt-BR; got {code!r}"
-            )
-    for i, name in enumerate(ex.datasets or []):
-        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith(".") or ".." in name:
-            raise ConfigError(f"export.datasets.{i}: expected a Hub dataset id (org/name); got {name!r}")
+    for name, values, pattern, what in (  # the card's metadata: what the Hub accepts
+        ("license", [ex.license] if ex.license else [], r"[a-z0-9][a-z0-9.+-]*", "a license id such as mit"),
+        ("language", ex.language, r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", "a language code such as en or pt-BR"),
+        ("datasets", ex.datasets or [], r"(?!\.)(?!.*\.\.)[\w.-]+(/[\w.-]+)?", "a Hub dataset id (org/name)"),
+    ):
+        for i, value in enumerate(values):
+            if not re.fullmatch(pattern, value):
+                where = "export.license" if name == "license" else f"export.{name}.{i}"
+                raise ConfigError(f"{where}: expected {what}; got {value!r}")
     if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
         raise ConfigError(
             f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "
             f"({', '.join(ex.prompts) or 'none defined'})"
         )
-    if ex.default_dim is not None and st is not None:
-        offered = set(st.mrl.dims) | ({st.target_dim} if st.target_dim else set())
-        if st.target_dim is not None and ex.default_dim not in offered:
-            raise ConfigError(f"export.default_dim: {ex.default_dim} is not an offered dim {sorted(offered)}")
+    if ex.push_to_hub is not None and not HUB_REPO.fullmatch(ex.push_to_hub):
+        raise ConfigError(f"export.push_to_hub: {ex.push_to_hub!r} is not a Hub repo id of the form org/name")
+    check_dims(cfg, st.target_dim if st is not None else None)
     _check_folders(cfg)
+    most = cfg.data.limit
+    if most is None and cfg.data.train and all(src.limit is not None for src in cfg.data.train):
+        most = sum(src.limit for src in cfg.data.train)
+    for i, s in enumerate(cfg.stages):
+        if most is not None and s.batch_size > most:
+            raise ConfigError(
+                f"stages.{i}.batch_size: {s.batch_size} is more than the at most {most} texts the corpus "
+                f"limits allow (data.limit / data.train.*.limit); no batch could be formed"
+            )
+    return cfg
+
+
+def check_teacher_dims(cfg: ExperimentConfig, dims: list[int]) -> None:
+    """The teachers' output dims (from their files, or from their caches) against ``student.target_dim``,
+    ``student.mrl.dims`` and ``export.default_dim``."""
+    st, total = cfg.student, sum(dims)
+    if st is not None and st.target_dim is not None and st.target_dim != total:
+        parts = " + ".join(f"{d} ({t.name})" for d, t in zip(dims, cfg.teachers))
+        raise ConfigError(
+            f"student.target_dim: {st.target_dim} differs from the teachers' concatenated dim "
+            f"{parts} = {total}; leave it unset or make it match"
+        )
+    check_dims(cfg, total)
+
+
+def check_dims(cfg: ExperimentConfig, target: int | None) -> None:
+    """``student.mrl.dims`` and ``export.default_dim`` against the student's target dim (None: not known
+    yet; the teachers' dims decide it). Checked at load time, again when the models' files tell the
+    teachers' dims, and at the start of training with the caches' dims."""
+    st, default = cfg.student, cfg.export.default_dim
+    if st is None:
+        return
+    if target is not None:
+        for d in st.mrl.dims:
+            if d > target:
+                raise ConfigError(f"student.mrl.dims: dim {d} is larger than the target dim {target}")
+            if d == target:
+                raise ConfigError(
+                    f"student.mrl.dims: dim {d} equals the target dim; the projection already outputs it, "
+                    f"list only reduced dims"
+                )
+    if default is None or default in st.mrl.dims:
+        return
+    if st.mrl.mode == "truncate":
+        if target is not None and default > target:
+            raise ConfigError(f"export.default_dim: {default} is larger than the target dim {target}")
+    elif target is not None and default != target:
+        raise ConfigError(
+            f"export.default_dim: {default} is not an offered dim: one of student.mrl.dims "
+            f"{st.mrl.dims or '[]'} or the target dim {target}"
+        )
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill what the models' own files say into the fields left unset and check the config against
+    those files (``model_files``: JSON files only, local or through the Hub cache; nothing loads)."""
+    from stella_distill import model_files
+
+    files = [
+        model_files.read_model_files(t.model, t.revision, f"teachers.{i}.model")
+        for i, t in enumerate(cfg.teachers)
+    ]
+    cfg.teachers = [
+        model_files.resolve_teacher(t, f"teachers.{i}", f)
+        for i, (t, f) in enumerate(zip(cfg.teachers, files))
+    ]
+    model_files.check_models(cfg, files)
     return cfg
 
 
@@ -485,17 +574,24 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 # Entry point
 
 
-def from_dict(data: dict) -> ExperimentConfig:
-    """Build and validate a config from plain data (as YAML would give)."""
-    return validate(build(ExperimentConfig, data, ""))
+def from_dict(data: dict, resolve_models: bool = True) -> ExperimentConfig:
+    """Build and validate a config from plain data (as YAML would give); with ``resolve_models``, also
+    fill and check it from the models' files (``resolve``)."""
+    cfg = validate(build(ExperimentConfig, data, ""))
+    return resolve(cfg) if resolve_models else cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML experiment config, apply dotted overrides, convert and validate it."""
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, resolve_models: bool = True
+) -> ExperimentConfig:
+    """Load a YAML experiment config, apply dotted overrides, convert and validate it (``from_dict``).
+
+    ``resolve_models=False`` reads a config as written, e.g. a run folder's ``config.yaml``, which
+    holds the resolved values already."""
     data = read_yaml(path)
     for ov in overrides or []:
         apply_override(data, ov)
-    return from_dict(data)
+    return from_dict(data, resolve_models)
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -26,9 +26,12 @@ from stella_distill.config import DataConfig, SourceConfig
 from stella_distill.errors import UserError, first_line
 from stella_distill.fingerprints import corpus_fingerprint, text_hashes
 from stella_distill.hub import looks_local
+from stella_distill.logs import get_logger
 from stella_distill.tables import COMPRESSIONS, FILE_SUFFIXES, file_format, is_data_file
 
 _DISK_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Corpus:
         return len(self.texts)
 
 
-def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print) -> Corpus:
+def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] | None = None) -> Corpus:
     """Read every source of ``data_cfg.train`` and return the corpus.
 
     Order of operations: each source skips empty / non-string texts and keeps at most its own
@@ -105,7 +108,7 @@ def load_corpus(data_cfg: DataConfig, log: Callable[[str], Any] = print) -> Corp
             f"data.train: the corpus is empty after reading {stats['read']} rows "
             f"({stats['skipped_empty']} empty or whitespace-only, {stats['skipped_non_string']} non-string)"
         )
-    log(_summary_line(stats))
+    (log or logger.info)(_summary_line(stats))
     hashes = text_hashes(texts)
     return Corpus(texts=texts, fingerprint=corpus_fingerprint(hashes), row_hashes=hashes, stats=stats)
 
@@ -361,7 +364,7 @@ def _dataset_column(ds, src: SourceConfig, where: str) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Row splits
+# Row splits and batch orders
 
 
 def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, seed: int):
@@ -375,3 +378,33 @@ def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, 
     eval_rows = np.sort(rows[perm[:n_eval]])
     train_rows = np.sort(rows[perm[n_eval:]])
     return train_rows, eval_rows
+
+
+def batch_order(
+    rows: np.ndarray, lengths: np.ndarray, global_batch: int, seed: int, group_by_length: bool
+) -> list[np.ndarray]:
+    """One epoch of global batches: a seeded shuffle, optionally grouped by length (mega-batches of
+    50 batches sorted by length, then the batches shuffled) so little compute goes to padding."""
+    rng = np.random.default_rng(seed)
+    order = rows[rng.permutation(len(rows))]
+    if group_by_length:
+        mega = global_batch * 50
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def stage_batches(train_rows, lengths, global_batch, seed, group_by_length):
+    """Endless stream of global batches for one stage: epoch after epoch, each seeded by its index."""
+    epoch = 0
+    while True:
+        batches = batch_order(train_rows, lengths, global_batch, seed * 100003 + epoch, group_by_length)
+        if not batches:
+            raise UserError(
+                f"stages: a global batch of {global_batch} rows is larger than the {len(train_rows)} training rows"
+            )
+        yield from batches
+        epoch += 1

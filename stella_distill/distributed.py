@@ -9,11 +9,17 @@ job (torchrun / accelerate launch) cleanly.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from stella_distill.config import ExperimentConfig, StageConfig
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
+
+logger = get_logger(__name__)
 
 
 def leave_process_group() -> None:
@@ -43,13 +49,21 @@ def gather_outputs(outputs: dict[int, torch.Tensor], accelerator, enabled: bool)
         return {d: torch.cat(all_gather(v.contiguous()), dim=0) for d, v in outputs.items()}
 
 
-def make_accelerator():
-    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md)."""
+def make_accelerator(log_with: list | None = None, logging_dir: str | None = None):
+    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md),
+    with the experiment trackers ``log_with`` (names or ``GeneralTracker``s) writing files under ``logging_dir``."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
+    project = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir) if logging_dir else None
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per
     # process per optimizer step (it assumes per-process data shards); our batches are global.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
+        project_config=project,
+    )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
     if plugin is not None and not plugin.zero3_init_flag:
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says;
@@ -101,6 +115,21 @@ def deepspeed_stage_config(accelerator, stage: StageConfig) -> None:
     config["gradient_clipping"] = float(stage.max_grad_norm) if stage.max_grad_norm is not None else 0.0
 
 
+def check_stages(cfg: ExperimentConfig, accelerator) -> None:
+    """Refuse, before any stage trains, a stage this launcher cannot run (see ``check_precision``)."""
+    for i, stage in enumerate(cfg.stages):
+        if accelerator.distributed_type.value == "DEEPSPEED" and (
+            stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
+        ):
+            # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
+            # accumulation and GradCache call backward() several times per optimizer step.
+            raise UserError(
+                f"stages.{i}.grad_accumulation / train.embedding_chunk_size: not supported under "
+                f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
+            )
+        check_precision(stage, i, accelerator)
+
+
 def check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
     """fp16 needs loss scaling, which only the launcher's mixed precision (accelerate) provides; a
     launcher precision other than 'no' applies to every stage, whatever the stage says."""
@@ -113,7 +142,7 @@ def check_precision(stage: StageConfig, stage_index: int, accelerator) -> None:
             f"accelerate's mixed_precision fp16 (accelerate launch --mixed_precision fp16), which scales the loss"
         )
     if launcher != "no" and accelerator.is_main_process:
-        print(
+        logger.warning(
             f"stages.{stage_index}.mixed_precision: {stage.mixed_precision!r} is overridden by the launcher's "
             f"{launcher!r} (accelerate config mixed_precision; set it to 'no' to let each stage choose)"
         )
@@ -125,3 +154,31 @@ def shards_parameters(accelerator) -> bool:
     if kind == "DEEPSPEED":
         return accelerator.state.deepspeed_plugin.zero_stage == 3
     return kind == "FSDP"
+
+
+def on_main(state, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process only and give every process its result, or its ``UserError``.
+
+    ``state`` is an ``Accelerator`` or ``PartialState``. A user mistake found on the main process
+    stops every process with the same one-line error; a crash there stops the others with a line that
+    points to it.
+    """
+    result: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            result[0] = ("ok", fn())
+        except UserError as exc:
+            result[0] = ("user_error", exc)
+        except BaseException as exc:
+            result[0] = ("crash", f"{type(exc).__name__}: {exc}")
+            if state.num_processes > 1:
+                broadcast_object_list(result, from_process=0)
+            raise
+    if state.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    kind, value = result[0]
+    if kind == "user_error":
+        raise value
+    if kind == "crash":
+        raise RuntimeError(f"failed on the main process: {value}")
+    return value

@@ -41,9 +41,12 @@ from stella_distill.evalsets import BeirSet, names, read_beir, read_sts
 from stella_distill.export import write_card
 from stella_distill.files import atomic_write
 from stella_distill.layout import is_export_root, load, read_layout, set_dim
+from stella_distill.logs import get_logger
 from stella_distill.plots import DIM_PLOT, plot_metrics_by_dim
+from stella_distill.pooling import with_prompt
 from stella_distill.run import EVAL_FILE, find_eval
 
+logger = get_logger(__name__)
 FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
 
 
@@ -90,6 +93,40 @@ def spearman_cosine(a: np.ndarray, b: np.ndarray, scores) -> float:
 # Scoring through sentence-transformers' evaluators
 
 
+def _check_finite_weights(model, model_dir: Path) -> None:
+    """A model with NaN/inf weights gives no score worth reporting: refuse it before any encoding."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(
+            f"{model_dir}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); nothing to evaluate"
+        )
+
+
+def _finite(emb: np.ndarray, what: str) -> np.ndarray:
+    bad = int((~np.isfinite(emb).all(axis=1)).sum())
+    if bad:
+        raise UserError(
+            f"{what}: the model gave NaN/inf vectors for {bad} of {len(emb)} texts; no score reported"
+        )
+    return emb
+
+
+def _cut(model, texts) -> list[str]:
+    """Texts cut to a length far beyond what the model reads (``pooling.with_prompt``), so that one
+    pathological text cannot exhaust memory inside an evaluator."""
+    return with_prompt(list(texts), "", model.max_seq_length or None)
+
+
+def _score(value: float, what: str) -> float:
+    """A score x100, or ``UserError``: a NaN/inf score (NaN/inf vectors, or every similarity the same)
+    is never reported as a result."""
+    if not math.isfinite(value):
+        raise UserError(f"{what}: no finite score (NaN/inf vectors, or the same similarity for every pair)")
+    return 100 * value
+
+
 @contextlib.contextmanager
 def _default_prompt(model, prompt_name: str | None):
     """``model.encode`` applies ``prompt_name`` while inside (None: the model's own default prompt);
@@ -119,12 +156,11 @@ def sts_spearman(
 
     s1, s2, scores = read_sts(pairs) if isinstance(pairs, (str, Path)) else pairs
     evaluator = EmbeddingSimilarityEvaluator(
-        list(s1), list(s2), [float(x) for x in scores], batch_size=batch_size, main_similarity="cosine",
-        write_csv=False, truncate_dim=truncate_dim,
+        _cut(model, s1), _cut(model, s2), [float(x) for x in scores], batch_size=batch_size,
+        main_similarity="cosine", write_csv=False, truncate_dim=truncate_dim,
     )  # fmt: skip
     with _default_prompt(model, prompt_name):
-        value = float(evaluator(model)[evaluator.primary_metric])
-    return 100 * value if math.isfinite(value) else float("nan")
+        return _score(float(evaluator(model)[evaluator.primary_metric]), "STS")
 
 
 RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@100")
@@ -145,8 +181,8 @@ def retrieval_scores(
     from sentence_transformers.util import cos_sim
 
     evaluator = InformationRetrievalEvaluator(
-        queries=dict(zip(beir.query_ids, beir.query_texts)),
-        corpus=dict(zip(beir.doc_ids, beir.doc_texts)),
+        queries=dict(zip(beir.query_ids, _cut(model, beir.query_texts))),
+        corpus=dict(zip(beir.doc_ids, _cut(model, beir.doc_texts))),
         relevant_docs={q: {d for d, r in rels.items() if r > 0} for q, rels in beir.qrels.items()},
         mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[100],
         batch_size=batch_size, write_csv=False, truncate_dim=truncate_dim,
@@ -154,7 +190,7 @@ def retrieval_scores(
         query_prompt_name=query_prompt_name, corpus_prompt_name=doc_prompt_name,
     )  # fmt: skip
     metrics = evaluator(model)
-    return {m: 100 * float(metrics[f"cosine_{m}"]) for m in RETRIEVAL_METRICS}
+    return {m: _score(float(metrics[f"cosine_{m}"]), "retrieval") for m in RETRIEVAL_METRICS}
 
 
 def run_mteb(model, tasks: list[str], output_folder: str | Path) -> dict[str, float]:
@@ -313,6 +349,7 @@ def evaluate_model(
     query_prompt_name: str | None = None,
     doc_prompt_name: str | None = None,
     device: str | None = None,
+    made_from: str | None = None,
 ) -> dict:
     """``stella-distill evaluate``: score the export at ``model_dir`` for every dim in ``dims``.
 
@@ -352,6 +389,7 @@ def evaluate_model(
         raise UserError(f"--out: cannot create {exc.filename or out_dir}: {exc.strerror or exc}") from None
 
     model = load(model_dir, dim=dims[0], device=device)
+    _check_finite_weights(model, model_dir)
     results: dict[int, dict[str, float]] = {}
     for d in dims:
         set_dim(model, model_dir, d, layout)
@@ -365,14 +403,16 @@ def evaluate_model(
         if fidelity is not None:
             texts, target, prompt, _ = fidelity
             vectors = model.encode(
-                texts, batch_size=batch_size, prompt=prompt, convert_to_numpy=True, show_progress_bar=False
-            )
-            metrics.update(fidelity_metrics(vectors, target))
+                _cut(model, texts), batch_size=batch_size, prompt=prompt, convert_to_numpy=True,
+                show_progress_bar=False,
+            )  # fmt: skip
+            metrics.update(fidelity_metrics(_finite(vectors, "evaluate"), target))
         if mteb_tasks:
             metrics.update(run_mteb(model, mteb_tasks, out_dir / "mteb" / str(d)))
         results[d] = metrics
 
     result = {
+        **({"made_from": made_from} if made_from is not None else {}),
         "model": str(model_dir),
         "mode": layout.mode,
         "default_dim": layout.default_dim,
@@ -390,14 +430,16 @@ def evaluate_model(
     kept = _merge(find_eval(model_dir), result) if ours else None
     plot = _write_result(out_dir, kept if out_dir == model_dir and ours else result, baseline)
     if any(results.values()):
-        print(format_table(results))
+        logger.info(format_table(results))
     else:
-        print("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
-    print(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
+        logger.info("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
+    logger.info(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
     if ours and any(results.values()):
         if out_dir != model_dir:
             _write_result(model_dir, kept, baseline)
-        print(f"evaluate: {write_card(model_dir)} now shows these results (and its model-index)")
+        logger.info(f"evaluate: {write_card(model_dir)} now shows these results (and its model-index)")
     elif not ours:
-        print(f"evaluate: {model_dir} is not an export of stella-distill; its files are left as they are")
+        logger.info(
+            f"evaluate: {model_dir} is not an export of stella-distill; its files are left as they are"
+        )
     return result

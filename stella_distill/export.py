@@ -23,6 +23,7 @@ the default, like the released Stella models; ``truncate``: one ``2_Dense_{full}
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,11 +37,13 @@ from stella_distill import card
 from stella_distill.errors import UserError, write_failure
 from stella_distill.files import replace_folder
 from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_root, load, read_layout, set_dim
+from stella_distill.logs import get_logger
 from stella_distill.push import check_target, push_folder
 from stella_distill.run import Source, consolidate_state_dict, find_source, read_metrics
 from stella_distill.student import StudentModel
 from stella_distill.tables import read_json
 
+logger = get_logger(__name__)
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
     "Pooling": "sentence_transformers.models.Pooling",
@@ -216,6 +219,9 @@ def _prepare_out(out: Path) -> Path:
     import tempfile
 
     _check_out(out)
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists() and not parent.is_dir():  # mkdir would say "File exists", which misleads
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in _siblings(out, TMP_SUFFIX):
         if not _pid_alive(stale):
@@ -289,14 +295,16 @@ def export_student(
         prompts.setdefault("document", student.prompt)
 
     check_finite(student, str(out))
-    tmp = _prepare_out(out)
+    tmp = None
     try:
+        tmp = _prepare_out(out)
         _write_export(student, tmp, default_dim, prompts, default_prompt_name, info, layout)
         if before_publish is not None:
             before_publish(tmp)
         return _publish(tmp, out)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; an earlier export stays whole
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; an earlier export stays whole
         reason = write_failure(exc) if isinstance(exc, Exception) else None
         if reason is None:
             raise
@@ -382,13 +390,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _write_dim_folder(student, root: Path, dim: int, st_config: dict, info: dict) -> None:
-    """``dims/{dim}/``: Transformer -> Pooling -> a Dense with exactly ``dim`` outputs -> Normalize.
-
-    Every sentence-transformers loader (serving stacks included) gets ``dim``-d vectors from it with
-    no option to set. Backbone, tokenizer and pooling files are hard links to the root's. In heads
-    mode the Dense is the dim's own head; in truncate mode it is the first ``dim`` rows of the full
-    head, whose output is the Matryoshka prefix before normalisation.
-    """
+    """``dims/{dim}/``: Transformer -> Pooling -> Dense(``dim``) -> Normalize, hard links to the root's
+    files but its own configs: any loader gets ``dim``-d vectors with nothing to set. The Dense is the
+    dim's own head (heads mode) or the first ``dim`` rows of the full one (truncate: the prefix)."""
     sub = dim_folder(root, dim)
     for f in root.iterdir():
         if f.is_file() and f.name not in OWN_FILES:
@@ -409,10 +413,6 @@ def _write_dim_folder(student, root: Path, dim: int, st_config: dict, info: dict
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The model card
-
-
 def write_card(
     folder: str | Path,
     *,
@@ -424,15 +424,12 @@ def write_card(
     revision: str | None = None,
     model_ref: str | None = None,
 ) -> Path:
-    """Write the model card (``README.md`` and its plots) of an export folder and of its ``dims/{d}``.
+    """Write the model card (``README.md``, plots) of an export folder and of its ``dims/{d}``.
 
-    At export (``cfg`` or ``run_dir`` given) the card's facts are collected from the run (config,
-    ``metrics.jsonl``, ``baseline.json``) and kept in the folder's ``stella_distill.json``; later
-    calls (``evaluate``, ``push``) rewrite the card from the folder alone, with its ``eval.json``.
-    ``repo_id``/``revision`` name the Hub repo and branch the card's snippets load from;
-    ``model_ref`` is what they load otherwise (default: ``folder``). A folder we did not export gets
-    a card but keeps no facts.
-    """
+    With ``cfg``/``run_dir`` (at export) the card's facts are collected from the run and kept in the
+    folder's ``stella_distill.json``; later calls (``evaluate``, ``push``) rewrite it from the folder
+    alone. ``repo_id``/``revision`` name the Hub repo and branch its snippets load; ``model_ref`` what
+    they load otherwise (default: ``folder``)."""
     folder = Path(folder)
     rows = None
     if cfg is not None or run_dir is not None:
@@ -530,6 +527,7 @@ def export_run(
     license: str | None = None,
     push: bool = True,
     layout: str | None = None,
+    made_from: str | None = None,
 ) -> Path:
     """``stella-distill export``: write the sentence-transformers folder of a run (or one checkpoint).
 
@@ -539,7 +537,8 @@ def export_run(
     and must reproduce the student at every dim, before it replaces ``out``. ``repo_id``
     (``--push-to-hub``, else ``export.push_to_hub``) uploads the folder (``push_export``); ``private``
     or ``export.private`` makes a new repo private. ``push=False`` never uploads (a pipeline that
-    evaluates first, then calls ``push_export``); the card still names the repo.
+    evaluates first, then calls ``push_export``); the card still names the repo. ``made_from`` (the
+    pipeline's fingerprint of what the export is made from) is recorded in ``stella_distill.json``.
     """
     out = Path(out)
     _check_out(out)
@@ -554,6 +553,8 @@ def export_run(
     info = {"source": source.label, "step": source.step}
     if cfg is not None:
         info["run"] = cfg.name
+    if made_from is not None:
+        info["made_from"] = made_from
 
     def card_and_check(folder: Path) -> None:  # before the folder replaces `out`: never a broken export there
         write_card(
@@ -563,7 +564,7 @@ def export_run(
         if verify:
             worst = verify_export(folder, student)
             checked = ", ".join(f"{d}: {c:.6f}" for d, c in worst.items())
-            print(
+            logger.info(
                 f"export: {out} reloads with sentence-transformers (min cosine to the student per dim: {checked})"
             )
 
@@ -581,7 +582,7 @@ def export_run(
         )
     written = read_layout(out)
     per_dim = f"; one folder per dim in {out}/dims" if written.dim_folders else ""
-    print(
+    logger.info(
         f"export: wrote {out} from {source.label}; dims {written.dims}, default {written.default_dim} "
         f"({written.mode}){per_dim}"
     )

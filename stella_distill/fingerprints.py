@@ -1,10 +1,10 @@
 """What identifies an input: the hashes that decide whether a file on disk was made from it.
 
 "Already done" is decided here, by content, never by file times: a local model folder by the bytes of
-its weights and config, a teacher by every field that changes its vectors, a corpus by the hash of
-each of its texts in order.
+every file that can change its vectors, a Hub model by its commit, a teacher by every field that
+changes its vectors, a corpus by the hash of each of its texts in order.
 
-numpy and the standard library only.
+numpy, the standard library and model_files (which reads JSON files only).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stella_distill.files import sha256_file
-from stella_distill.hub import dense_location
+from stella_distill.hub import dense_location, resolve_commit
+from stella_distill.model_files import dense_list, resolve_teacher
 
 if TYPE_CHECKING:
     from stella_distill.config import TeacherConfig
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# The fields that decide what a teacher writes, in the order a mismatch is reported.
-TEACHER_FIELDS = ("model", "revision", "pooling", "dense", "prompt", "max_length", "normalize", "dtype")
+# The fields that decide what a teacher writes, in the order a mismatch is reported: what the config
+# says first, what the model folder holds last (a changed config field is the likelier story).
+TEACHER_FIELDS = ("model", "pooling", "dense", "prompt", "max_length", "normalize", "dtype", "revision")
 
 
 def text_hashes(texts: list[str]) -> np.ndarray:
@@ -37,36 +38,68 @@ def corpus_fingerprint(row_hashes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(row_hashes, dtype="<u8").tobytes()).hexdigest()
 
 
-def weights_sha256(folder: str | Path) -> str:
-    """sha256 over a local model folder's config.json and weight files (names and bytes, sorted)."""
+# What never changes a model's vectors: documentation, VCS and download bookkeeping, and export formats
+# that transformers does not load.
+IGNORED_NAMES = (".git", ".cache", ".gitattributes", ".gitignore", "onnx", "openvino", "coreml")
+IGNORED_SUFFIXES = (".md", ".txt.lock", ".png", ".jpg", ".jpeg", ".gif", ".lock")
+UNRESOLVED = "unresolved"  # a Hub model whose commit cannot be known here (no local copy, no Hub)
+
+
+def folder_sha256(folder: str | Path, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over every file of a local model folder that can change its vectors, recursively:
+    config, weights, tokenizer files (vocabulary, merges, normaliser, special tokens), and the
+    sentence-transformers module folders (Pooling, Dense, Normalize). Names and bytes, sorted;
+    documentation, VCS files and unused export formats (ONNX, OpenVINO) are left out, and so are the
+    subfolders named in ``skip`` (identified on their own, like a teacher's Dense head)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if (folder / "config.json").is_file():
-        files.insert(0, folder / "config.json")
     h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or any(part in IGNORED_NAMES for part in rel.parts) or rel.parts[0] in skip:
+            continue
+        if (
+            rel.name.startswith("README")
+            or rel.name.startswith("LICENSE")
+            or rel.suffix.lower() in IGNORED_SUFFIXES
+        ):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
+
+
+def model_revision(model: str, revision: str | None, skip: tuple[str, ...] = ()) -> str:
+    """What identifies the files of ``model``: ``sha256:<hex>`` of a local folder (``folder_sha256``),
+    else the commit a Hub ``revision`` (branch, tag or commit; None: main) resolves to, from the local
+    Hugging Face cache or the Hub; ``UNRESOLVED`` when neither can tell."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return f"sha256:{folder_sha256(local, skip)}"
+    return resolve_commit(model, revision) or UNRESOLVED
 
 
 def teacher_identity(teacher: TeacherConfig, max_length: int) -> dict:
     """What makes ``teacher``'s vectors at ``max_length``: the fields a cache built for it records.
 
-    ``revision`` is the configured revision for Hub ids and ``sha256:<hex>`` of the weight files
-    for a local folder, so a retrained or swapped local model is told apart from the old one.
+    ``revision`` covers every file of the model (``model_revision``): a retrained, re-tokenised or
+    swapped model is told apart from the old one, locally and on the Hub.
     """
-    local = Path(teacher.model).expanduser()
-    revision = f"sha256:{weights_sha256(local)}" if local.is_dir() else teacher.revision
-    dense = teacher.dense or None  # absent from caches built without one: None == None
-    if dense:
-        where, subfolder = dense_location(teacher.model, dense)
+    if teacher.pooling is None or teacher.prompt is None:  # not from a loaded config: as the folder says
+        teacher = resolve_teacher(teacher, "teacher")
+    heads, skip = [], []
+    for head in dense_list(teacher.dense):
+        where, subfolder = dense_location(teacher.model, head)
         folder = Path(where).expanduser() / subfolder
-        if folder.is_dir():  # a local head is told apart by its weights, like a local model
-            dense = f"{dense} (sha256:{weights_sha256(folder)})"
+        if folder.is_dir():  # a local head is told apart by its files, like a local model
+            heads.append(f"{head} (sha256:{folder_sha256(folder)})")
+            skip += [Path(subfolder).parts[0]] if subfolder else []
+        else:
+            heads.append(head)
+    dense = " + ".join(heads) or None  # absent from caches built without one: None == None
+    skip = tuple(skip)
     return {
         "teacher": teacher.name,
         "model": teacher.model,
-        "revision": revision,
+        "revision": model_revision(teacher.model, teacher.revision, skip),
         "pooling": teacher.pooling,
         "dense": dense,
         "prompt": teacher.prompt,
@@ -96,6 +129,51 @@ def identity_difference(recorded: dict, expected: dict) -> tuple[str, Any, Any] 
             # A local folder that moved but holds the same weights is the same teacher.
             if both_local and recorded.get("revision") == expected.get("revision"):
                 continue
+        if key == "revision" and expected.get(key) == UNRESOLVED:
+            continue  # nothing here can tell which commit the Hub name means now: trust the record
         if recorded.get(key) != expected.get(key):
             return key, recorded.get(key), expected.get(key)
     return None
+
+
+def teacher_mismatch(recorded: dict, expected: dict, index: int | None) -> str | None:
+    """How a cache built for ``recorded`` differs from the teacher ``expected`` (the first field that
+    differs, and the config field to look at), or None when it is the same teacher."""
+    diff = identity_difference(recorded, expected)
+    if diff is None:
+        return None
+    key, was, now = diff
+    return f"built for {key} {was!r}, config says {now!r} ({identity_field(key, index)})"
+
+
+def corpus_mismatch(
+    rows: int,
+    fingerprint: str,
+    stored_hashes: np.ndarray | None,
+    corpus_hashes: np.ndarray,
+    texts=None,
+    *,
+    corpus_fingerprint: str | None = None,
+) -> str | None:
+    """How the rows a cache was built for differ from the corpus now (the first row that differs), or None.
+
+    Rows are compared hash by hash when the cache's own row hashes are at hand (``stored_hashes``),
+    else by the corpus fingerprint (``fingerprint`` recorded, ``corpus_fingerprint`` now).
+    """
+    if rows != len(corpus_hashes):
+        return (
+            f"built for a corpus of {rows} rows, the corpus now has {len(corpus_hashes)} "
+            f"(data.train / data.limit / data.dedupe changed)"
+        )
+    if stored_hashes is None or len(stored_hashes) != rows:
+        if fingerprint == corpus_fingerprint:
+            return None
+        return f"built for another corpus (fingerprint {fingerprint[:12]}) (data.train)"
+    differ = np.flatnonzero(
+        np.asarray(stored_hashes, dtype=np.uint64) != np.asarray(corpus_hashes, dtype=np.uint64)
+    )
+    if not len(differ):
+        return None
+    first = int(differ[0])
+    shown = f" {texts[first][:60]!r}" if texts is not None else ""
+    return f"built for another corpus: row {first} differs (corpus text{shown}); {len(differ)} of {rows} rows differ (data.train)"

@@ -42,3 +42,24 @@ def dense_location(model: str, dense: str) -> tuple[str, str]:
     if dense.startswith(("/", ".", "~")):
         return str(Path(dense).expanduser()), ""
     return model, dense.strip("/")
+
+
+def resolve_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit ``revision`` (None: main) of the Hub model ``repo_id`` is now: from the local Hugging
+    Face cache when it holds that revision, else from the Hub (unless offline); None when neither can tell."""
+    if looks_local(repo_id):
+        return None
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
+        return Path(folder).name
+    except (OSError, ValueError, HFValidationError):  # not in the cache (LocalEntryNotFoundError), a bad id
+        pass
+    if offline():
+        return None
+    try:
+        return huggingface_hub.HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # unreachable, unknown repo, no permission: nothing can tell
+        return None

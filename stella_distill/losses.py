@@ -16,10 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# Largest batch for which ``relative_similarity_loss(method="auto")`` uses the O(B^4) naive form:
-# up to it the naive broadcast is as fast as the exact fast form, whose cost there is the fixed
-# per-level op overhead (measured on CPU with scripts/bench_losses.py).
-NAIVE_MAX_BATCH = 32
+# Largest batch, per device type, for which ``relative_similarity_loss(method="auto")`` uses the
+# O(B^4) naive form: up to it the naive broadcast is as fast as the exact fast form, whose cost at
+# small B is a fixed one (a few hundred small ops and three host syncs: ~2 ms on CPU, ~10 ms on a
+# GPU, where every op is a kernel launch). Measured with scripts/bench_losses.py, which prints the
+# switch point of the device it runs on: CPU (2 cores) naive 2.5 ms vs fast 2.25 ms at B = 32, 50 vs
+# 3.5 at 64; H200 naive 2.2-2.4 ms for B = 32..128 vs fast ~10 ms, and on an H100 naive 13 ms at
+# B = 192. Devices not listed take the CPU value.
+NAIVE_MAX_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def naive_max_batch(device: torch.device) -> int:
+    """The ``method="auto"`` switch point for ``device`` (``NAIVE_MAX_BATCH``)."""
+    return NAIVE_MAX_BATCH.get(device.type, NAIVE_MAX_BATCH["cpu"])
 
 
 def _prepare(student: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +129,12 @@ def relative_similarity_loss(
     ``method``: ``"fast"`` gives the same value and gradient (the same float comparisons, so hinges
     exactly at their kink agree too) without ever building a ``P x P`` tensor: O(P log P) time, O(P)
     memory (see ``_dominance``). ``"naive"`` is :func:`relative_similarity_loss_naive`. ``"auto"``
-    (default) takes the naive form for ``B <= NAIVE_MAX_BATCH``, where it is as fast or faster.
+    (default) takes the naive form for ``B <= naive_max_batch(device)``, where it is as fast or faster.
     """
     if method not in ("auto", "fast", "naive"):
         raise ValueError(f"relative_similarity_loss: unknown method {method!r}; expected auto, fast or naive")
     s, t = _pair_scores(student, target, "relative_similarity_loss")
-    if method == "naive" or (method == "auto" and student.shape[0] <= NAIVE_MAX_BATCH):
+    if method == "naive" or (method == "auto" and student.shape[0] <= naive_max_batch(student.device)):
         return _ranking_hinge_naive(s, t, margin)
     if s.numel() < 2:
         return s.sum() * 0.0

@@ -38,8 +38,19 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     raise ValueError(f"unknown pooling {mode!r}; expected one of {', '.join(POOLINGS)}")
 
 
-def with_prompt(texts: list[str], prompt: str) -> list[str]:
-    """Prefix every text with ``prompt`` (no-op for an empty prompt)."""
+# No token spans anywhere near this many characters (WordPiece turns any word over 100 characters into
+# one [UNK]; BPE vocabularies hold pieces of a few dozen at most), so cutting a text at
+# max_length * CHARS_PER_TOKEN characters never changes its first max_length tokens, while a
+# pathological text (a 50 MB line) no longer makes the tokenizer take gigabytes.
+CHARS_PER_TOKEN = 1000
+
+
+def with_prompt(texts: list[str], prompt: str, max_length: int | None = None) -> list[str]:
+    """Prefix every text with ``prompt``; with ``max_length`` (tokens), first cut each text to
+    ``max_length * CHARS_PER_TOKEN`` characters (far more than that many tokens can cover)."""
+    if max_length is not None:
+        limit = int(max_length) * CHARS_PER_TOKEN
+        texts = [t if len(t) <= limit else t[:limit] for t in texts]
     return [prompt + t for t in texts] if prompt else list(texts)
 
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stella_distill.errors import UserError
+from stella_distill.errors import UserError, first_line
 from stella_distill.hub import is_hub_id
 from stella_distill.layout import DIMS_FOLDER, dim_revision, read_layout
+from stella_distill.logs import get_logger
+
+logger = get_logger(__name__)
 
 # What git accepts as a branch name, roughly: no spaces, no '..', no leading '-' or '/'.
 BRANCH = re.compile(r"^(?!-)(?!/)(?!.*\.\.)[A-Za-z0-9._/-]{1,200}(?<!/)(?<!\.lock)$")
@@ -84,9 +87,13 @@ def push_folder(
             print(
                 f"push: {path} -> https://huggingface.co/{where} ({'pull request ' if create_pr else ''}{url})"
             )
-    except OSError as exc:  # HTTP errors of huggingface_hub subclass OSError; their text holds no token
-        done = f" ({len(urls)} of {len(targets)} branches were sent)" if urls else ""
+    except (
+        Exception
+    ) as exc:  # HTTP errors, a lost connection (httpx), a refused token: the text holds no token
+        done = f"{len(urls)} of {len(targets)} branches were sent; " if urls else ""
         raise UserError(
-            f"{what} {repo_id}: {str(exc).splitlines()[0] if str(exc) else exc!r}{done}"
+            f"{what} {repo_id}: {first_line(exc)[:300]}; {done}the export at {folder} is complete and "
+            f"unchanged; send it again with `stella-distill push {folder} --repo {repo_id}` once the Hub is "
+            "reachable"
         ) from None
     return urls

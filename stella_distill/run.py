@@ -4,6 +4,7 @@ Layout of ``output_dir``::
 
     config.yaml                        the resolved config of the last `train`
     metrics.jsonl                      one JSON row per logged step and per evaluation (main process)
+    wandb/, logs/<project>/            the trackers of logging.report_to (metrics.py)
     checkpoints/step-00000500/         accelerate state, student/, config.yaml, trainer_state.json
     checkpoints/step-00000700-end/     the end of a stage (same content)
     final/student/, final/trainer_state.json    the trained student
@@ -21,9 +22,12 @@ where a checkpoint's weights are read, because they are heavy and the rest of th
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,10 @@ from typing import Any
 
 from stella_distill.config import ExperimentConfig, dump_config, load_config
 from stella_distill.errors import UserError, write_failure
+from stella_distill.files import atomic_write, sha256_file
+from stella_distill.fingerprints import folder_sha256
 from stella_distill.tables import read_json
+from stella_distill.version import __version__
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
@@ -43,6 +50,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 STUDENT = "student"
 EXPORT = "export"
+LOCK_FILE = ".stella-distill.lock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +89,58 @@ def training_complete(cfg: ExperimentConfig, run_dir: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Freshness of what `run` makes after training: fingerprints of what produced each output
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _inputs(paths: list[str]) -> list[tuple[str, str | None]]:
+    """(path, content hash) of evaluation inputs: files by bytes, folders by every file (None: missing)."""
+    out = []
+    for p in paths:
+        path = Path(str(p).partition("::")[0]).expanduser()
+        digest = sha256_file(path) if path.is_file() else folder_sha256(path) if path.is_dir() else None
+        out.append((str(p), digest))
+    return out
+
+
+def export_fingerprint(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """What the run's export is made from: the final student's files and the export settings."""
+    final = Path(run_dir) / FINAL
+    return _digest("export", folder_sha256(final / STUDENT), cfg.to_dict()["export"], __version__)
+
+
+def eval_fingerprint(cfg: ExperimentConfig, export_fp: str) -> str:
+    """What the run's evaluation is made from: the export, the evaluation settings and input files."""
+    ev = cfg.to_dict()["evaluate"]
+    return _digest("evaluate", export_fp, ev, _inputs(ev["sts"] + ev["retrieval"]), __version__)
+
+
+def baseline_fingerprint(cfg: ExperimentConfig) -> str:
+    """What the scores before training are made from: student, teachers, length, seed, STS files."""
+    d = cfg.to_dict()
+    return _digest(
+        "baseline",
+        d["student"],
+        d["teachers"],
+        d["data"]["max_length"],
+        d["seed"],
+        _inputs(d["evaluate"]["sts"]),
+    )
+
+
+def made_from(path: Path) -> str | None:
+    """The fingerprint a JSON output of ours records under ``made_from`` (None: none, or no file)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("made_from") if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -109,6 +169,51 @@ def _publish(tmp: Path, final: Path, state: dict) -> None:
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process at a time
+
+
+_held: dict[Path, Any] = {}  # run folders this process holds the lock of (their open lock files)
+
+
+def hold_lock(run_dir: Path, what: str) -> bool:
+    """Take the run folder's lock for this process, or refuse with one line; False if this process
+    already held it (the caller that took it gives it back).
+
+    An advisory ``flock`` on ``run_dir/.stella-distill.lock``: the system drops it when the process
+    ends, however it ends, so a killed run never leaves a stale lock behind.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return False
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release_lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()[:200] or "another process"
+        f.close()
+        raise UserError(
+            f"{run_dir}: in use by {holder}; wait for it to finish, or give this run another output_dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"stella-distill {what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    f.flush()
+    _held[run_dir] = f
+    return True
+
+
+def release_lock(run_dir: Path) -> None:
+    """Give the run folder's lock back (a no-op if this process does not hold it)."""
+    f = _held.pop(Path(run_dir).resolve(), None)
+    if f is not None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +291,27 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({exc})") from None
+    fields = {
+        "stage_index": int,
+        "stage_step": int,
+        "global_step": int,
+        "stage_complete": bool,
+        "compat": dict,
+    }
+    wrong = (
+        [k for k, tp in fields.items() if not isinstance(state.get(k), tp)]
+        if isinstance(state, dict)
+        else ["all"]
+    )
+    if wrong:
+        raise UserError(
+            f"{ckpt / STATE_FILE}: not the state of a stella-distill checkpoint (missing or wrong: "
+            f"{', '.join(wrong)}); delete that folder to resume from an earlier one"
+        )
+    if min(state["stage_index"], state["stage_step"], state["global_step"]) < 0:
+        raise UserError(
+            f"{ckpt / STATE_FILE}: negative positions; delete that folder to resume from an earlier one"
+        )
     want, have = compat(cfg), state.get("compat", {})
     if have.get("model") != want["model"]:
         raise UserError(
@@ -222,6 +348,11 @@ def resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Pos
         ckpt = Path(cfg.train.resume)
         if not (ckpt / STATE_FILE).is_file():
             raise UserError(f"train.resume: {ckpt} is not a checkpoint folder (no {STATE_FILE})")
+    if (ckpt / STUDENT).is_dir() and ckpt.name == FINAL:
+        raise UserError(
+            f"train.resume: {ckpt} is the finished student of a run, not a checkpoint; resume from one of "
+            f"{ckpt.parent / CHECKPOINTS}/step-*, or export {ckpt.parent}"
+        )
     state = check_resumable(ckpt, cfg)
     if state["stage_index"] >= len(cfg.stages):
         raise UserError(
@@ -235,50 +366,26 @@ def resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Pos
 # The metrics log and the evaluation record
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the run folder (main process only) and wandb when enabled."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, main: bool):
-        self.main = main
-        self.path = Path(run_dir) / METRICS_FILE
-        self.wandb = None
-        if not main or cfg.logging.wandb.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-            return
-        import wandb
-
-        mode = cfg.logging.wandb.mode
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            try:
-                logged_in = bool(wandb.api.api_key)
-            except Exception:
-                logged_in = False
-            if not logged_in:
-                print("wandb: no API key set; logging offline (sync later with `wandb sync`)")
-                mode = "offline"
-        self.wandb = wandb.init(
-            project=cfg.logging.wandb.project,
-            entity=cfg.logging.wandb.entity,
-            name=cfg.name,
-            dir=str(run_dir),
-            mode=mode,
-            config=cfg.to_dict(),
-            resume="allow",
-        )
-
-    def log(self, row: dict) -> None:
-        """Append one row (and send its numbers to wandb)."""
-        if not self.main:
-            return
-        with writing(self.path), self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(
-                {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step")
-            )
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+def truncate_metrics(run_dir: Path, global_step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` logged after ``global_step`` (a resumed run logs them again,
+    so no step is ever recorded twice); returns how many were dropped. Rewritten atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a killed run
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or step <= global_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        with writing(path):
+            atomic_write(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path | None) -> list[dict]:
@@ -350,7 +457,7 @@ def _is_student(path: Path) -> bool:
 def _config_near(*folders: Path | None) -> ExperimentConfig | None:
     for folder in folders:
         if folder is not None and (folder / CONFIG_FILE).is_file():
-            return load_config(folder / CONFIG_FILE)
+            return load_config(folder / CONFIG_FILE, resolve_models=False)  # written resolved
     return None
 
 

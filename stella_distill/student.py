@@ -163,7 +163,11 @@ class StudentModel(nn.Module):
     - ``truncate``: the reduced vector is the prefix ``[:d]`` of the projection output;
     - ``none``: no reduced dims.
 
-    Outputs are un-normalised ``{dim: (B, dim)}`` dicts. The projection and heads are created in
+    ``forward`` returns a plain tuple of un-normalised ``(B, dim)`` tensors, one per dim of
+    ``output_dims(mrl)`` in that order (``by_dim`` turns it into ``{dim: tensor}``). A tuple, not a
+    dict keyed by int dims: DeepSpeed ZeRO-3's post-forward hook reads a dict output's keys as strings
+    (``name.startswith('__')``) and crashed on int keys, while tuples of tensors are walked by every
+    wrapper (ZeRO-3, DDP, FSDP, accelerate's precision casts). The projection and heads are created in
     float32 on the backbone's device with PyTorch's default ``nn.Linear`` init from the global RNG.
     """
 
@@ -251,22 +255,36 @@ class StudentModel(nn.Module):
         )
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors."""
-        batch = self.tokenizer(
-            with_prompt(list(texts), self.prompt),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return dict(batch)
+        """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors.
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32 (float64 for a float64 model)."""
+        A batch in which no text is padded comes without ``attention_mask``: with a mask, transformers
+        keeps SDPA off its flash kernel (and copies key/value heads for grouped-query attention), and
+        an all-ones mask changes nothing else.
+        """
+        batch = dict(
+            self.tokenizer(
+                with_prompt(list(texts), self.prompt, self.max_length),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+        )
+        if bool(batch["attention_mask"].all()):  # CPU tensors: no device sync
+            del batch["attention_mask"]
+        return batch
+
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra
+    ) -> torch.Tensor:
+        """Backbone + pooling: the pooled vector ``(B, hidden)`` in float32 (float64 for a float64 model).
+
+        ``attention_mask`` None means no text is padded."""
         if self._no_cache:
             extra.setdefault("use_cache", False)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = pool(out.last_hidden_state, mask, self.pooling)
         return pooled if pooled.dtype == torch.float64 else pooled.float()
 
     def heads(self, pooled: torch.Tensor, mrl: bool = True) -> dict[int, torch.Tensor]:
@@ -285,10 +303,21 @@ class StudentModel(nn.Module):
                 out[d] = self.mrl_heads[str(d)](pooled) if self.mrl_mode == "heads" else full[:, :d]
         return out
 
+    def output_dims(self, mrl: bool = True) -> list[int]:
+        """The dims ``forward`` returns, in its order: the target dim, then the MRL dims, largest first."""
+        return [self.target_dim, *self.mrl_dims] if mrl else [self.target_dim]
+
+    def by_dim(self, outputs: tuple[torch.Tensor, ...], mrl: bool = True) -> dict[int, torch.Tensor]:
+        """``{dim: tensor}`` of a ``forward`` output (called with the same ``mrl``)."""
+        dims = self.output_dims(mrl)
+        if len(outputs) != len(dims):
+            raise ValueError(f"by_dim: {len(outputs)} outputs for dims {dims} (mrl={mrl})")
+        return dict(zip(dims, outputs))
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mrl: bool = True, **extra
-    ) -> dict[int, torch.Tensor]:
-        """``heads(embed(input_ids, attention_mask, **extra), mrl)``.
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, mrl: bool = True, **extra
+    ) -> tuple[torch.Tensor, ...]:
+        """``heads(embed(input_ids, attention_mask, **extra), mrl)`` as a tuple in ``output_dims(mrl)`` order.
 
         With a frozen backbone (stage 1) the backbone runs without autograd: no activations are kept
         for it, which makes head-only training several times cheaper.
@@ -298,7 +327,7 @@ class StudentModel(nn.Module):
                 pooled = self.embed(input_ids, attention_mask, **extra)
         else:
             pooled = self.embed(input_ids, attention_mask, **extra)
-        return self.heads(pooled, mrl=mrl)
+        return tuple(self.heads(pooled, mrl=mrl).values())
 
     def set_trainable(self, trainable: str, last_layers: int = 3) -> list[str]:
         """Set ``requires_grad`` for a training stage and return the names of the trainable parameters.
@@ -441,7 +470,8 @@ class StudentModel(nn.Module):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx]).items()}
-                out = self(**batch, mrl=dim != self.target_dim)[dim].float()
+                mrl = dim != self.target_dim
+                out = self.by_dim(self(**batch, mrl=mrl), mrl)[dim].float()
                 if normalize:
                     out = F.normalize(out, dim=-1)
                 result[idx] = out.cpu()

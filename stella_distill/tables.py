@@ -220,15 +220,22 @@ def delimiter_of(path: Path, first: str | None = None) -> str:
     return "\t"
 
 
+MAX_RECORD_LINES = 1000  # a quoted field spanning more lines than this is an unclosed quote, not a text
+
+
 def delimited_rows(
     path: Path, delimiter: str, quoting: str = "auto", what: str = "file"
 ) -> Iterator[tuple[int, list[str]]]:
     """``(line number, fields)`` per record of a delimited file, the header line included.
 
     ``quoting``: ``csv`` reads quoted fields as the csv module does (a quoted field may hold the
-    delimiter and line breaks; ``line number`` is then the record's last physical line); ``none`` splits
+    delimiter and line breaks; ``line number`` is the record's last physical line); ``none`` splits
     on the delimiter only (a text may start with a quote mark); ``auto`` is ``csv`` for commas and, for
     tabs, ``csv`` only if the first lines show csv quoting (pandas output).
+
+    Rows are never merged silently: a quote that is never closed, or a quoted field that runs over
+    more than ``MAX_RECORD_LINES`` lines (two stray quotes swallowing the rows between them), is an
+    error naming the line where the field starts.
     """
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     if quoting == "auto":
@@ -239,14 +246,26 @@ def delimited_rows(
         (line for _, line in decoded_lines(path, what)),
         delimiter=delimiter,
         quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE,
+        strict=quoted,
     )
+    hint = "fix the quote, or read the file as raw text (quoting: none)"
     while True:
+        start = reader.line_num + 1
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num}: cannot parse the line ({exc})") from None
+            if "unexpected end of data" in str(exc):
+                raise UserError(
+                    f"{path}:{start}: a quoted field starts here and is never closed; {hint}"
+                ) from None
+            raise UserError(f"{path}:{reader.line_num}: cannot parse the line ({exc}); {hint}") from None
+        if reader.line_num - start >= MAX_RECORD_LINES:
+            raise UserError(
+                f"{path}:{start}: a quoted field runs from here to line {reader.line_num} "
+                f"(over {MAX_RECORD_LINES} lines): an unclosed quote swallowing rows? {hint}"
+            )
         yield reader.line_num, fields
 
 

@@ -20,59 +20,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stella_distill import losses, run
-from stella_distill.cache import TeacherCache, build_target, open_caches
-from stella_distill.config import ExperimentConfig, StageConfig, dump_config
-from stella_distill.data import Corpus, load_corpus, split_rows
+from stella_distill import logs, losses, metrics, run
+from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
+from stella_distill.config import ExperimentConfig, StageConfig, check_teacher_dims, dump_config
+from stella_distill.data import Corpus, load_corpus, split_rows, stage_batches
 from stella_distill.distributed import (
-    check_precision,
     check_sharding_setup,
+    check_stages,
     deepspeed_stage_config,
     gather_outputs,
     make_accelerator,
+    on_main,
     shards_parameters,
 )
 from stella_distill.errors import UserError
+from stella_distill.logs import get_logger
+from stella_distill.packed import to_device
 from stella_distill.run import Position
 from stella_distill.student import StudentModel, find_layer_list
 
+logger = get_logger(__name__)
+
 
 class NonFiniteLossError(UserError):
-    """A loss became NaN or inf; the run stops and the last good checkpoint stays."""
+    """A loss or a trained weight became NaN or inf; the run stops before saving anything and the
+    last good checkpoint stays."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows, batches and targets
-
-
-def batch_order(
-    rows: np.ndarray, lengths: np.ndarray, global_batch: int, seed: int, group_by_length: bool
-) -> list[np.ndarray]:
-    """One epoch of global batches: a seeded shuffle, optionally grouped by length (mega-batches of
-    50 batches sorted by length, then the batches shuffled) so little compute goes to padding."""
-    rng = np.random.default_rng(seed)
-    order = rows[rng.permutation(len(rows))]
-    if group_by_length:
-        mega = global_batch * 50
-        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def stage_batches(train_rows, lengths, global_batch, seed, group_by_length):
-    """Endless stream of global batches for one stage: epoch after epoch, each seeded by its index."""
-    epoch = 0
-    while True:
-        batches = batch_order(train_rows, lengths, global_batch, seed * 100003 + epoch, group_by_length)
-        if not batches:
-            raise UserError(
-                f"stages: a global batch of {global_batch} rows is larger than the {len(train_rows)} training rows"
-            )
-        yield from batches
-        epoch += 1
 
 
 def stage_steps(stage: StageConfig, n_train: int, global_batch: int) -> int:
@@ -93,8 +69,12 @@ def distill_loss(
     stage: StageConfig,
     full_dim: int,
     mrl_dims: list[int],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the paper's losses on the full-dim output (+ reduced dims when the stage trains them)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the paper's losses on the full-dim output (+ reduced dims when the stage trains them).
+
+    Returns the total (with graph) and every weighted term as a detached 0-dim tensor on the device:
+    reading them (a host sync) is left to the caller, once per logged step.
+    """
     w = stage.loss_weights
     full = outputs[full_dim]
     terms: dict[str, torch.Tensor] = {}
@@ -117,7 +97,7 @@ def distill_loss(
                     * losses.relative_similarity_loss(outputs[d], target, margin=stage.margin)
                 )
     total = sum(terms.values()) if terms else full.sum() * 0.0
-    return total, {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+    return total, {f"loss/{k}": v.detach() for k, v in terms.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,21 +152,47 @@ def _scheduler(optimizer, stage: StageConfig, steps: int):
     )
 
 
-def train(cfg: ExperimentConfig) -> Path:
-    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder."""
+def train(cfg: ExperimentConfig, trackers: tuple = ()) -> Path:
+    """Run every stage of `cfg.stages`, resuming from the newest checkpoint; return the run folder.
+
+    Scalars go to ``metrics.jsonl`` and to the trackers of ``logging.report_to``; ``trackers`` adds
+    accelerate ``GeneralTracker`` objects of your own.
+    """
     if not cfg.stages:
         raise UserError("stages: no training stages configured")
-    accelerator = make_accelerator()
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(metrics.trackers(cfg) + list(trackers), str(run_dir / metrics.LOGS))
     world = accelerator.num_processes
     check_sharding_setup(cfg, accelerator)
-    run_dir = Path(cfg.output_dir)
+    check_stages(cfg, accelerator)  # every stage before the first trains, not hours later
+    taken = on_main(accelerator, lambda: run.hold_lock(run_dir, "train"))  # one job per run folder
+    try:
+        return _train(cfg, accelerator, world, run_dir)
+    finally:
+        if taken:
+            run.release_lock(run_dir)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """The cached teachers' dims (their manifests read, nothing verified) against the student and export
+    settings, before the corpus, the caches and the student load. (The models' own files were checked
+    when the config loaded: ``model_files.check_models``.)"""
+    dims = [peek_dim(cache_folder(cfg, t)) for t in cfg.teachers]
+    if None not in dims:  # else a cache is not built yet: open_caches names it
+        check_teacher_dims(cfg, dims)
+
+
+def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Path:
+    preflight(cfg)
     if accelerator.is_main_process:
         with run.writing(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / run.CONFIG_FILE)
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
-    corpus: Corpus = load_corpus(cfg.data, log=print if accelerator.is_main_process else (lambda *a: None))
+    corpus: Corpus = load_corpus(
+        cfg.data, log=logger.info if accelerator.is_main_process else (lambda *a: None)
+    )
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
@@ -197,13 +203,7 @@ def train(cfg: ExperimentConfig) -> Path:
             f"(non-finite teacher vectors; {bad})"
         )
     lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
-    target_dim = sum(c.dim for c in caches)
-    if cfg.student.target_dim is not None and cfg.student.target_dim != target_dim:
-        dims = " + ".join(f"{c.dim} ({t.name})" for c, t in zip(caches, cfg.teachers))
-        raise UserError(
-            f"student.target_dim: {cfg.student.target_dim} differs from the teachers' concatenated dim "
-            f"{dims} = {target_dim}; leave it unset or make it match"
-        )
+    target_dim = sum(c.dim for c in caches)  # student.target_dim agrees: preflight checked it
 
     # ---- student and resume point
     torch.manual_seed(cfg.seed)
@@ -215,11 +215,13 @@ def train(cfg: ExperimentConfig) -> Path:
                 f"stages.{i}.last_layers: {stage.last_layers} must be between 1 and the student's {n_layers} layers"
             )
     resume_from, pos = run.resume_point(cfg, run_dir)
+    if accelerator.is_main_process:  # a resumed run logs the steps after its checkpoint again
+        run.truncate_metrics(run_dir, pos.global_step)
     if resume_from is not None and pos.stage_complete:
         model.load_state_dict(StudentModel.from_pretrained(resume_from / run.STUDENT).state_dict())
-    log = run.MetricsLog(cfg, run_dir, accelerator.is_main_process)
+    log = metrics.MetricsLog(cfg, run_dir, accelerator)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"train: {len(train_rows)} training rows, {len(eval_rows)} held out, target dim {target_dim}, "
             f"world_size={world}, device={accelerator.device}"
             + (f", resuming from {resume_from}" if resume_from else "")
@@ -252,7 +254,7 @@ def train(cfg: ExperimentConfig) -> Path:
             pos.global_step,
             lambda folder: student.save_pretrained(folder, state_dict=state_dict),
         )
-        print(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
+        logger.info(f"train: done after {pos.global_step} steps; student at {final / run.STUDENT}")
     accelerator.wait_for_everyone()
     log.close()
     return run_dir
@@ -264,15 +266,6 @@ def run_stage(
 ):  # fmt: skip
     """Train one stage: fresh optimizer and schedule, from the weights `model` holds (or `resume_dir`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.distributed_type.value == "DEEPSPEED" and (
-        stage.grad_accumulation > 1 or cfg.train.embedding_chunk_size
-    ):
-        # accelerate's DeepSpeed wrapper steps the engine inside every backward(); our manual
-        # accumulation and GradCache call backward() several times per optimizer step.
-        raise UserError(
-            f"stages.{stage_index}.grad_accumulation / train.embedding_chunk_size: not supported under "
-            f"DeepSpeed yet; use a larger per-device batch_size, or DDP / FSDP for GradCache"
-        )
     torch.manual_seed(cfg.seed + 1 + stage_index)  # a stage starts from the same RNG state, resumed or not
     student = accelerator.unwrap_model(model)
     trainable = student.set_trainable(stage.trainable, stage.last_layers)
@@ -285,7 +278,6 @@ def run_stage(
     optimizer = _optimizer(student, stage, fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = _scheduler(optimizer, stage, steps)
     accelerator.free_memory()
-    check_precision(stage, stage_index, accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED":
         deepspeed_stage_config(accelerator, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -306,45 +298,38 @@ def run_stage(
     for _ in range(start_step * stage.grad_accumulation):  # data position: skip what the checkpoint consumed
         next(batches)
     if accelerator.is_main_process:
-        print(
+        logger.info(
             f"stage {stage_index} '{stage.name}': {stage.trainable}, {len(trainable)} trainable tensors, "
             f"{steps} steps, global batch {global_batch} x {stage.grad_accumulation}, lr {stage.lr}"
         )
     progress = _progress(cfg, accelerator, steps, start_step, stage.name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Nothing in the step reads a device value on the host: losses, terms and the all-finite flag stay
+    # on the device and are read together (one sync) at logged steps and before anything is saved.
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
     model.train()
     step = start_step
+    window = _Window(time.perf_counter())
     while step < steps:
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n_tokens = 0
         for micro in range(stage.grad_accumulation):
             rows = next(batches)
             local = rows[rank * stage.batch_size : (rank + 1) * stage.batch_size]
             features = student.tokenize([corpus.texts[i] for i in local])
-            features = {k: v.to(accelerator.device) for k, v in features.items()}
-            n_tokens += int(features["attention_mask"].sum()) * world
+            mask = features.get("attention_mask")  # CPU tensors: counting costs no device sync
+            window.tokens += int(mask.sum() if mask is not None else features["input_ids"].numel()) * world
+            features = {k: to_device(v, accelerator.device) for k, v in features.items()}
             target = torch.from_numpy(
                 build_target(caches, rows if cfg.train.gather_across_devices else local)
             )
-            target = target.to(accelerator.device)
+            target = to_device(target, accelerator.device)
             last = micro == stage.grad_accumulation - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 terms = _backward(cfg, stage, model, student, features, target, accelerator, amp)
+            finite &= torch.isfinite(terms["loss"])
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v / stage.grad_accumulation
-        loss_value = sums.get("loss", float("nan"))
-        if not math.isfinite(loss_value) or any(not math.isfinite(v) for v in sums.values()):
-            bad = ", ".join(f"{k}={v}" for k, v in sums.items() if not math.isfinite(v))
-            when = (
-                "DeepSpeed applied this step's update inside backward"
-                if accelerator.distributed_type.value == "DEEPSPEED"
-                else "stopped before the update"
-            )
-            raise NonFiniteLossError(
-                f"stages.{stage_index} ('{stage.name}'), step {global_step + 1}: non-finite loss ({bad}); "
-                f"{when}; the last good checkpoint is kept"
-            )
+                sums[k] = sums[k] + v / stage.grad_accumulation if k in sums else v / stage.grad_accumulation
         grad_norm = None
         if stage.max_grad_norm is not None:
             # all of the prepared model's parameters (frozen ones have no gradient and are skipped):
@@ -355,27 +340,36 @@ def run_stage(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         global_step += 1
-        dt = time.perf_counter() - t0
+        window.steps += 1
         progress.update(1)
-        if step % cfg.train.log_every == 0 or step == steps:
+        logged = step % cfg.train.log_every == 0 or step == steps
+        evaluated = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step < steps
+        saved = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < steps
+        if logged or evaluated or saved:
+            values = _read_step(sums, finite, params, grad_norm, accelerator, window.steps)
+            _stop_if_non_finite(values, stage_index, stage.name, global_step)
+        if logged:
+            seconds = window.close()
             row = {
                 "step": global_step, "stage": stage.name, "stage_index": stage_index, "stage_step": step,
-                **sums, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": global_batch * stage.grad_accumulation / dt, "tokens_per_s": n_tokens / dt,
-                "world_size": world,
+                **{k: values[k] for k in sums}, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": values.get("grad_norm"),
+                "samples_per_s": global_batch * stage.grad_accumulation * window.steps / seconds,
+                "tokens_per_s": window.tokens / seconds, "world_size": world,
             }  # fmt: skip
             if accelerator.device.type == "cuda":  # peak so far on this process's GPU
                 row["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
             log.log(row)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            sums = {}
+            window = _Window(time.perf_counter())
+        if evaluated:
             log.log(
                 evaluate_fidelity(
                     model, student, corpus, caches, eval_rows, accelerator, global_step, stage, stage_index
                 )
             )
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
+        if saved:
             pos = Position(stage_index, step, global_step, False)
             save_checkpoint(accelerator, model, cfg, pos)
     progress.close()
@@ -411,8 +405,11 @@ def _rebuilt_student(cfg: ExperimentConfig, model, accelerator) -> StudentModel:
     return student
 
 
-def _backward(cfg, stage, model, student, features, target, accelerator, amp) -> dict[str, float]:
-    """Forward, in-batch loss on the (gathered) batch, backward; GradCache when chunking is on."""
+def _backward(cfg, stage, model, student, features, target, accelerator, amp) -> dict[str, torch.Tensor]:
+    """Forward, in-batch loss on the (gathered) batch, backward; GradCache when chunking is on.
+
+    Returns the total loss and its weighted terms as detached device tensors (no host sync).
+    """
     chunk = cfg.train.embedding_chunk_size
     n_local = features["input_ids"].shape[0]
     mrl = stage.mrl
@@ -420,12 +417,12 @@ def _backward(cfg, stage, model, student, features, target, accelerator, amp) ->
     if not chunk or chunk >= n_local:
         with amp:
             outputs = model(**features, mrl=mrl)
-        outputs = {d: _upcast(v) for d, v in outputs.items()}
+        outputs = {d: _upcast(v) for d, v in student.by_dim(outputs, mrl).items()}
         total, terms = distill_loss(
             gather_outputs(outputs, accelerator, gather), target, stage, student.target_dim, student.mrl_dims
         )
         accelerator.backward(total / stage.grad_accumulation)
-        return {"loss": float(total.detach()), **terms}
+        return {"loss": total.detach(), **terms}
 
     # GradCache (Gao et al. 2021): vectors without graph, loss and d(loss)/d(vectors) on the full
     # batch, then each chunk again with graph, back-propagating its slice of that gradient.
@@ -436,7 +433,7 @@ def _backward(cfg, stage, model, student, features, target, accelerator, amp) ->
             rng_states.append(_rng_state(accelerator.device))
             with amp:
                 out = model(**{k: v[sl] for k, v in features.items()}, mrl=mrl)
-            cached.append({d: _upcast(v) for d, v in out.items()})
+            cached.append({d: _upcast(v) for d, v in student.by_dim(out, mrl).items()})
     leaves = {d: torch.cat([c[d] for c in cached]).requires_grad_(True) for d in cached[0]}
     total, terms = distill_loss(
         gather_outputs(leaves, accelerator, gather), target, stage, student.target_dim, student.mrl_dims
@@ -448,10 +445,61 @@ def _backward(cfg, stage, model, student, features, target, accelerator, amp) ->
         ctx = contextlib.nullcontext() if i == len(slices) - 1 else accelerator.no_sync(model)
         with ctx:
             with amp:
-                out = model(**{k: v[sl] for k, v in features.items()}, mrl=mrl)
+                out = student.by_dim(model(**{k: v[sl] for k, v in features.items()}, mrl=mrl), mrl)
             surrogate = sum((_upcast(out[d]) * grads[d][sl]).sum() for d in out if grads.get(d) is not None)
             accelerator.backward(surrogate)
-    return {"loss": float(total.detach()), **terms}
+    return {"loss": total.detach(), **terms}
+
+
+class _Window:
+    """Samples, tokens and wall time since the last logged step (throughput is read per window)."""
+
+    def __init__(self, start: float):
+        self.start, self.steps, self.tokens = start, 0, 0
+
+    def close(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+def _read_step(sums, finite, params, grad_norm, accelerator, steps: int) -> dict[str, float]:
+    """Everything a logged step reads from the device, in one transfer (the hot loop's only host sync).
+
+    ``finite`` (every loss since the stage began) is and-ed with the finiteness of the trained
+    parameters as they are now, so an update that put NaN/inf into a weight is caught too; with several
+    processes the flag is the minimum over all, so that every process stops at the same step.
+    """
+    flag = finite.clone()
+    params = [p for p in params if p.numel()]  # ZeRO-3 leaves empty placeholders outside forward
+    if params:
+        # the max-abs norm is finite exactly when every element is (an L2 norm overflows on large weights)
+        norms = torch._foreach_norm(params, float("inf"))
+        flag &= torch.isfinite(torch.stack([n.to(torch.float32) for n in norms])).all()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        flag_int = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag_int, op=torch.distributed.ReduceOp.MIN)
+        flag = flag_int.bool()
+    names = list(sums)
+    values = [sums[k].to(torch.float32) / steps for k in names] + [flag.to(torch.float32)]
+    if isinstance(grad_norm, torch.Tensor):
+        names.append("grad_norm")
+        values.append(grad_norm.detach().to(device=flag.device, dtype=torch.float32))
+    host = torch.stack(values).tolist()
+    out = dict(zip([*names[: len(sums)], "finite", *names[len(sums) :]], host))
+    if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+def _stop_if_non_finite(values: dict[str, float], stage_index: int, name: str, global_step: int) -> None:
+    """Raise ``NonFiniteLossError`` (before anything is saved) when the device flag says so."""
+    if values["finite"] == 1.0:
+        return
+    bad = ", ".join(f"{k}={v}" for k, v in values.items() if k.startswith("loss") and not math.isfinite(v))
+    raise NonFiniteLossError(
+        f"stages.{stage_index} ('{name}'), step {global_step}: non-finite loss or weights "
+        f"({bad or 'a trained weight is NaN/inf'}); stopped before saving anything, the last good "
+        f"checkpoint is kept"
+    )
 
 
 def _upcast(v: torch.Tensor) -> torch.Tensor:
@@ -484,7 +532,7 @@ def _autocast(stage: StageConfig, accelerator):
 def _progress(cfg, accelerator, total, initial, name):
     from tqdm.auto import tqdm
 
-    disable = not (cfg.logging.progress and accelerator.is_main_process)
+    disable = not (cfg.logging.progress and accelerator.is_main_process and logs.show_progress())
     return tqdm(total=total, initial=initial, desc=f"stage {name}", disable=disable, dynamic_ncols=True)
 
 
@@ -514,7 +562,7 @@ def evaluate_fidelity(
             rows = eval_rows[i : i + 64]
             texts = [corpus.texts[r] for r in rows]
             features = {k: v.to(accelerator.device) for k, v in student.tokenize(texts).items()}
-            for d, v in model(**features, mrl=True).items():
+            for d, v in student.by_dim(model(**features, mrl=True)).items():
                 outs.setdefault(d, []).append(v.float().cpu())
     if was_training:
         model.train()

@@ -53,7 +53,10 @@ def config_dict(run_dir: Path, model: Path, teacher: Path, pooling: str, mode: s
 
 
 def build_student(cfg, seed: int) -> StudentModel:
-    """A student whose heads are random and whose backbone moved away from the pristine weights."""
+    """A student whose heads are random and whose backbone moved away from the pristine weights.
+
+    ``cfg`` is read with ``resolve_models=False``: its teachers are placeholders (no cache is built), so
+    its target_dim is not the teachers' dims."""
     torch.manual_seed(seed)
     student = StudentModel.from_config(cfg.student, target_dim=24, max_length=cfg.data.max_length)
     with torch.no_grad():
@@ -99,7 +102,7 @@ def make_runs(tmp_path_factory, tiny_bert, tiny_qwen2, tiny_bert4):
     for i, (key, (model, pooling, mode, extra)) in enumerate(specs.items()):
         run_dir = root / f"run-{key}"
         raw = config_dict(run_dir, model, tiny_bert4, pooling, mode, **extra)
-        student = build_student(from_dict(raw), seed=i)
+        student = build_student(from_dict(raw, resolve_models=False), seed=i)
         write_run(run_dir, raw, student)
         folder = export.export_run(run_dir, root / f"export-{key}")
         out[key] = {"run": run_dir, "dir": folder, "student": student, "raw": raw}

@@ -327,6 +327,7 @@ def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
         "data": data,
         "teachers": [{"name": "t", "model": str(tmp_path / "no-model")}],
     }
+    (tmp_path / "no-model").mkdir()  # an empty folder: the corpus error comes first, no model is loaded
     from_dict(cfg)
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -97,7 +97,7 @@ def test_single_layout_and_one_dim_students_write_no_dim_folders(runs, tmp_path)
     raw["student"]["mrl"] = {"mode": "none"}
     raw["stages"][1]["mrl"] = False
     del raw["export"]["default_dim"]
-    write_run(run_dir, raw, build_student(from_dict(raw), seed=4))
+    write_run(run_dir, raw, build_student(from_dict(raw, resolve_models=False), seed=4))
     out = export.export_run(run_dir, tmp_path / "none")
     assert not (out / "dims").exists()
 
@@ -223,7 +223,7 @@ def test_sharded_fsdp_checkpoint_exports_same_weights(runs, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     raw = dict(runs["heads"]["raw"], output_dir=str(tmp_path / "run"))
-    student = build_student(from_dict(raw), seed=7)
+    student = build_student(from_dict(raw, resolve_models=False), seed=7)
     run_dir = tmp_path / "run"
     write_run(run_dir, raw, None, final=False)
     ckpt = run_dir / "checkpoints" / "step-00000005-end"
@@ -253,7 +253,7 @@ def test_newest_checkpoint_by_global_step(runs, tmp_path):
     write_run(run_dir, raw, None, final=False)
     students = {}
     for name, step in (("zz-early", 3), ("aa-late", 9)):  # names sort opposite to steps
-        students[step] = build_student(from_dict(raw), seed=step)
+        students[step] = build_student(from_dict(raw, resolve_models=False), seed=step)
         students[step].save_pretrained(run_dir / "checkpoints" / name / "student")
         (run_dir / "checkpoints" / name / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     source = find_source(run_dir)

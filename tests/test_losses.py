@@ -10,6 +10,7 @@ import torch
 from stella_distill.losses import (
     NAIVE_MAX_BATCH,
     cosine_loss,
+    naive_max_batch,
     relative_similarity_loss,
     relative_similarity_loss_naive,
     similarity_loss,
@@ -350,9 +351,16 @@ def test_relative_similarity_target_gets_no_gradient():
 
 
 def test_relative_similarity_auto_dispatch_and_bad_method():
-    student, target = make(NAIVE_MAX_BATCH + 1, 8, 8, seed=4)
+    cpu = naive_max_batch(torch.device("cpu"))
+    assert cpu == NAIVE_MAX_BATCH["cpu"] and naive_max_batch(torch.device("meta")) == cpu
+    assert naive_max_batch(torch.device("cuda")) == NAIVE_MAX_BATCH["cuda"] >= 128  # the H200's switch point
+    student, target = make(cpu + 1, 8, 8, seed=4)
     assert torch.equal(
         relative_similarity_loss(student, target), relative_similarity_loss(student, target, method="fast")
+    )
+    student, target = make(cpu, 8, 8, seed=4)
+    assert torch.equal(
+        relative_similarity_loss(student, target), relative_similarity_loss(student, target, method="naive")
     )
     with pytest.raises(ValueError, match="unknown method"):
         relative_similarity_loss(student, target, method="quadratic")

@@ -112,7 +112,7 @@ def test_length_batches_respect_the_token_budget():
 def test_batch_limits_use_cpu_sized_defaults_on_cpu():
     teacher = TeacherConfig(name="t", model="m")
     assert batch_limits(teacher, torch.device("cpu")) == (1024, 64)
-    assert batch_limits(teacher, torch.device("cuda")) == (16384, 256)
+    assert batch_limits(teacher, torch.device("cuda")) == (32768, 1024)
     custom = TeacherConfig(name="t", model="m", batch_tokens=300, max_batch_size=7)
     assert batch_limits(custom, torch.device("cpu")) == (300, 7)
 
@@ -125,6 +125,98 @@ def test_encode_keeps_input_order_whatever_the_batching(tiny_bert, texts):
     np.testing.assert_allclose(small.encode(corpus), one_by_one, atol=1e-5)
     np.testing.assert_allclose(big.encode(corpus), one_by_one, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(one_by_one, axis=1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding-free (packed) forward: the same vectors as a padded forward, causal and bidirectional
+
+
+def make_bidirectional(model) -> None:
+    """Qwen2 attending both ways, as gte-Qwen2's remote code makes it: attention modules not causal,
+    and (transformers 5) the config's ``is_causal`` off so the padding mask is built bidirectional."""
+    model.config.is_causal = False
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+
+
+@pytest.mark.parametrize(
+    "model, pooling, bidirectional",
+    [
+        ("tiny_bert", "cls", False),
+        ("tiny_bert", "mean", False),
+        ("tiny_qwen2", "last_token", False),
+        ("tiny_qwen2", "mean", False),
+        ("tiny_qwen2", "last_token", True),
+        ("tiny_qwen2", "mean", True),
+    ],
+)
+def test_packed_forward_gives_the_padded_vectors(request, texts, model, pooling, bidirectional):
+    path = request.getfixturevalue(model)
+    corpus = corpus_texts(texts, 40)
+    teacher = TeacherConfig(name="t", model=str(path), pooling=pooling, batch_tokens=300)
+    padded = TeacherEncoder(teacher, max_length=48, packed=False)
+    packed = TeacherEncoder(teacher, max_length=48, packed=True)
+    assert packed.packed and not padded.packed
+    assert packed.model.config._attn_implementation == "stella_packed"
+    if bidirectional:
+        causal = packed.encode(corpus)
+        for encoder in (padded, packed):
+            make_bidirectional(encoder.model)
+    want, got = padded.encode(corpus), packed.encode(corpus)
+    assert (got * want).sum(axis=1).min() >= 0.9999
+    if bidirectional:  # the switch really changed the attention, in both paths alike
+        assert (got * causal).sum(axis=1).min() < 0.999
+
+
+def test_packing_that_disagrees_with_padding_is_dropped_with_a_line(tiny_qwen2, monkeypatch):
+    from stella_distill import packed as packed_module
+
+    monkeypatch.setattr(packed_module, "_is_causal", lambda module, is_causal: False)  # a broken kernel
+    lines = []
+    encoder = TeacherEncoder(
+        TeacherConfig(name="t", model=str(tiny_qwen2), pooling="mean"),
+        max_length=48,
+        packed=True,
+        log=lines.append,
+    )
+    assert not encoder.packed and encoder.model.config._attn_implementation == "sdpa"
+    assert (
+        len(lines) == 1
+        and "teachers.0: padding-free (packed) attention not used for Qwen2Model: it gives other vectors"
+        in lines[0]
+    )
+
+
+def test_packing_that_fails_is_dropped_with_a_line(tiny_bert, monkeypatch):
+    from transformers import AttentionInterface
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "stella_packed", no_kernel)
+    monkeypatch.setattr("stella_distill.packed.register", lambda: None)  # keep the failing kernel
+    lines = []
+    teacher = TeacherConfig(name="t", model=str(tiny_bert), pooling="cls")
+    encoder = TeacherEncoder(teacher, max_length=32, packed=True, log=lines.append)
+    assert not encoder.packed and encoder.model.config._attn_implementation == "sdpa"
+    assert lines == [
+        "teachers.0: padding-free (packed) attention not used for BertModel: it failed: "
+        "FlashAttention only supports Ampere GPUs or newer."
+    ]
+    assert encoder.encode(["war and peace"]).shape == (1, 32)
+
+
+def test_prefetched_tokens_are_used_for_the_same_texts_only(tiny_bert, texts):
+    encoder = TeacherEncoder(TeacherConfig(name="t", model=str(tiny_bert)), max_length=32)
+    corpus = corpus_texts(texts, 12)
+    want = encoder.encode(corpus)
+    encoder.device = torch.device("cuda")  # prefetch only runs on a GPU; the forward is not reached
+    encoder.prefetch(corpus)
+    assert encoder._ahead is not None and encoder._ahead[0] is corpus
+    encoder.device = torch.device("cpu")
+    np.testing.assert_array_equal(encoder.encode(corpus), want)
+    assert encoder._ahead is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +467,8 @@ def test_nan_teacher_rows_are_reported_stored_as_zeros_and_masked(
 
     monkeypatch.setattr(TeacherEncoder, "encode", encode_with_nans)
     (folder,) = run_precompute(from_dict(make_config(tmp_path, tiny_bert, corpus)))
-    out = capsys.readouterr().out
-    assert "3 rows gave NaN/inf vectors (rows 3, 17, 18)" in out
+    err = capsys.readouterr().err  # a warning: stderr, shown under -q too
+    assert "3 rows gave NaN/inf vectors (rows 3, 17, 18)" in err
     cache = TeacherCache(folder)
     assert cache.manifest["invalid_rows"] == [3, 17, 18]
     assert np.flatnonzero(~cache.valid_mask).tolist() == [3, 17, 18]

@@ -188,8 +188,8 @@ def test_keep_layers_survive_save_and_reload(tiny_bert4, tmp_path):
     assert json.loads((tmp_path / "s" / "student.json").read_text())["keep_layers"] == [0, 3]
     batch = batch_of(model, TEXTS)
     with torch.no_grad():
-        for d, v in model(**batch).items():
-            assert torch.equal(v, again(**batch)[d])
+        for d, v in model.by_dim(model(**batch)).items():
+            assert torch.equal(v, again.by_dim(again(**batch))[d])
 
 
 # ---------------------------------------------------------------- pooling and heads
@@ -225,7 +225,7 @@ def test_forward_heads_mode_independent_heads(tiny_bert):
     assert model.mrl_dims == [16, 8] and sorted(model.mrl_heads.keys()) == ["16", "8"]
     batch = batch_of(model, TEXTS)
     with torch.no_grad():
-        out = model(**batch)
+        out = model.by_dim(model(**batch))
         pooled = model.embed(**batch)
     assert sorted(out) == [8, 16, 24]
     torch.testing.assert_close(out[24], pooled @ model.projection.weight.T + model.projection.bias)
@@ -236,7 +236,7 @@ def test_forward_heads_mode_independent_heads(tiny_bert):
         assert not torch.allclose(out[d], out[24][:, :d])
         assert head.weight.data_ptr() != model.projection.weight.data_ptr()
     with torch.no_grad():
-        assert list(model(**batch, mrl=False)) == [24]
+        assert model.output_dims(mrl=False) == [24] and len(model(**batch, mrl=False)) == 1
 
 
 def test_forward_truncate_mode_prefixes(tiny_bert):
@@ -245,7 +245,7 @@ def test_forward_truncate_mode_prefixes(tiny_bert):
     names = {n for n, _ in model.named_parameters() if not n.startswith("backbone.")}
     assert names == {"projection.weight", "projection.bias"}
     with torch.no_grad():
-        out = model(**batch_of(model, TEXTS))
+        out = model.by_dim(model(**batch_of(model, TEXTS)))
     assert sorted(out) == [4, 16, 24]
     for d in (16, 4):
         assert torch.equal(out[d], out[24][:, :d])
@@ -254,7 +254,7 @@ def test_forward_truncate_mode_prefixes(tiny_bert):
 def test_forward_no_mrl(tiny_bert):
     model = student(tiny_bert, target_dim=12, mode="none", dims=[])
     with torch.no_grad():
-        out = model(**batch_of(model, TEXTS))
+        out = model.by_dim(model(**batch_of(model, TEXTS)))
     assert list(out) == [12] and out[12].shape == (len(TEXTS), 12)
 
 
@@ -322,7 +322,7 @@ def test_set_trainable_freezes_exactly(which, trainable, tiny_bert4, tiny_qwen2)
         model.parameters(), lr=1e-2, weight_decay=0.1
     )  # every param, like a sloppy trainer
     out = model(**batch_of(model, TEXTS))
-    sum((v**2).mean() for v in out.values()).backward()
+    sum((v**2).mean() for v in out).backward()
     opt.step()
     for n, p in model.named_parameters():
         moved = not torch.equal(p.detach(), before[n])
@@ -373,7 +373,7 @@ def test_save_and_reload_identical(which, tiny_bert, tiny_qwen2, tmp_path):
     batch = again.tokenize(TEXTS)
     assert torch.equal(batch["input_ids"], model.tokenize(TEXTS)["input_ids"])
     with torch.no_grad():
-        a, b = model(**batch), again(**batch)
+        a, b = model.by_dim(model(**batch)), again.by_dim(again(**batch))
     assert sorted(a) == sorted(b) and all(torch.equal(a[d], b[d]) for d in a)
 
 
@@ -399,15 +399,29 @@ def test_tokenize_applies_prompt_and_max_length(tiny_bert):
     assert long["input_ids"].shape[1] == max(len(tok(t)["input_ids"]) for t in TEXTS)
 
 
+@pytest.mark.parametrize("which", ["bert", "qwen2"])
+def test_a_batch_without_padding_runs_without_a_mask_and_gives_the_same_vectors(which, tiny_bert, tiny_qwen2):
+    model = student({"bert": tiny_bert, "qwen2": tiny_qwen2}[which], pooling="mean", max_length=4)
+    long_texts = [TEXTS[0], TEXTS[2]]
+    batch = model.tokenize(long_texts)  # both texts cut to 4 tokens: nothing padded
+    assert set(batch) - {"token_type_ids"} == {"input_ids"} and batch["input_ids"].shape == (2, 4)
+    with torch.no_grad():
+        without = model(**batch)
+        with_mask = model(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    for a, b in zip(without, with_mask):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert "attention_mask" in model.tokenize(["war and peace", "fish"])  # padded: the mask stays
+
+
 def test_qwen2_last_token_left_padding_matches_alone(tiny_qwen2):
     model = student(tiny_qwen2, pooling="last_token", target_dim=24, dims=[8])
     assert model.tokenizer.padding_side == "left"
     batch = model.tokenize(TEXTS)
     assert (batch["attention_mask"][:, 0] == 0).any()  # some rows really are left-padded
     with torch.no_grad():
-        together = model(**batch)
+        together = model.by_dim(model(**batch))
         for i, text in enumerate(TEXTS):
-            alone = model(**model.tokenize([text]))
+            alone = model.by_dim(model(**model.tokenize([text])))
             for d in together:
                 torch.testing.assert_close(together[d][i], alone[d][0], atol=1e-5, rtol=0)
 
@@ -423,7 +437,7 @@ def test_encode_order_dims_and_mode(tiny_bert):
     raw = model.encode(TEXTS, dim=8, normalize=False)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(raw, model(**model.tokenize(TEXTS))[8], atol=1e-5, rtol=0)
+        torch.testing.assert_close(raw, model.by_dim(model(**model.tokenize(TEXTS)))[8], atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="offers dims"):
         model.encode(TEXTS, dim=5)
 
@@ -438,7 +452,7 @@ def test_eager_and_sdpa_agree(tiny_bert):
     assert b.backbone.config._attn_implementation == "sdpa"
     batch = batch_of(a, TEXTS)
     with torch.no_grad():
-        torch.testing.assert_close(a(**batch)[24], b(**batch)[24], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a(**batch)[0], b(**batch)[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["bert", "qwen2"])
@@ -450,7 +464,7 @@ def test_gradient_checkpointing_same_gradients(which, tiny_bert, tiny_qwen2):
         model.set_trainable("all")
         assert model.backbone.is_gradient_checkpointing == checkpointing
         out = model(**batch_of(model, TEXTS))
-        sum((v**2).mean() for v in out.values()).backward()
+        sum((v**2).mean() for v in out).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:

@@ -199,7 +199,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, models):
     p2 = write_config(two, cfg2)
     cli("train", str(p1))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "stella_distill", "train", str(p2)],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -263,7 +263,7 @@ def test_a_failed_write_on_rank_0_stops_both_processes_with_one_line_each(tmp_pa
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("a file the user put here")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "stella_distill", "train", str(path)],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -340,25 +340,72 @@ def test_gradcache_matches_plain_step(tmp_path, models):
         student.zero_grad()
         terms = _backward(cfg, stage, student, student, features, target, acc, contextlib.nullcontext())
         grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
-        grads[-1]["loss"] = torch.tensor(terms["loss"])
+        grads[-1]["loss"] = terms["loss"].clone()
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-12)
 
 
+def all_saved_tensors_finite(run: Path) -> int:
+    """Assert every tensor of every safetensors / .bin file under ``run`` is finite; return the file count."""
+    files = sorted(run.rglob("*.safetensors")) + sorted(run.rglob("*.bin"))
+    for f in files:
+        tensors = load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        flat = tensors.values() if isinstance(tensors, dict) else []
+        for v in flat:
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert torch.isfinite(v).all(), f
+    return len(files)
+
+
 def test_non_finite_loss_stops_with_stage_and_step(tmp_path, models):
-    cfg = base_config(tmp_path, models, **{"train.checkpoint_every": 1})
+    """An absurd lr: one line, exit 2, and nothing non-finite was ever written (checked every step)."""
+    cfg = base_config(tmp_path, models, **{"train.checkpoint_every": 1, "train.log_every": 4})
     cfg["stages"][0]["lr"] = 1e30
     cfg["stages"][0]["max_grad_norm"] = None
     cfg["stages"][0]["steps"] = 6
     p = write_config(tmp_path, cfg)
     cli("precompute", str(p))
     proc = cli("train", str(p), check=False)
-    assert proc.returncode == 2
-    assert "non-finite loss" in proc.stderr and "stages.0 ('head')" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "non-finite loss or weights" in proc.stderr and "stages.0 ('head')" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "non-finite" in line]) == 1, proc.stderr
     ckpts = [c for c in (tmp_path / "run" / "checkpoints").iterdir()]
     assert ckpts, "the last good checkpoint is kept"
+    assert not (tmp_path / "run" / "final").exists()
+    assert all_saved_tensors_finite(tmp_path / "run") >= 2
+
+
+def test_a_weight_turned_nan_by_an_update_stops_before_the_next_checkpoint(tmp_path, models, monkeypatch):
+    """The loss is finite at every step; only the device-side weight check can see the NaN."""
+    from stella_distill import train as train_module
+
+    make = train_module._optimizer
+
+    def poisoning_optimizer(model, stage, fused):
+        optimizer = make(model, stage, fused)
+        calls = []
+
+        def after_step(*_):
+            calls.append(1)
+            if len(calls) == 2:  # the second update writes a NaN into the projection
+                with torch.no_grad():
+                    model.projection.weight[0, 0] = float("nan")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "_optimizer", poisoning_optimizer)
+    cfg = base_config(tmp_path, models, **{"train.checkpoint_every": 1, "train.log_every": 10})
+    p = write_config(tmp_path, cfg)
+    cli("precompute", str(p))
+    with pytest.raises(train_module.NonFiniteLossError, match=r"stages\.0 \('head'\), step 2: non-finite"):
+        train_module.train(from_dict(yaml.safe_load(p.read_text())))
+    run = tmp_path / "run"
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-00000001"]
+    assert not (run / "final").exists()
+    assert all_saved_tensors_finite(run) >= 2
 
 
 def test_resume_refuses_changed_stage_list(tmp_path, models):
@@ -374,7 +421,7 @@ def test_resume_refuses_changed_stage_list(tmp_path, models):
 
 
 def test_batch_order_is_world_size_independent():
-    from stella_distill.train import batch_order
+    from stella_distill.data import batch_order
 
     rows = np.arange(100)
     lengths = np.random.default_rng(0).integers(1, 50, 100)
@@ -424,7 +471,7 @@ def test_stage_precision_against_the_launchers(capsys):
     with pytest.raises(UserError, match=r"^stages\.2\.mixed_precision: fp16 needs loss scaling"):
         check_precision(StageConfig(name="s", mixed_precision="fp16"), 2, acc("no"))
     check_precision(StageConfig(name="s", mixed_precision="no"), 1, acc("bf16"))
-    assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().out
+    assert "stages.1.mixed_precision: 'no' is overridden by the launcher's 'bf16'" in capsys.readouterr().err
 
 
 def test_sharding_setups_that_would_lose_rank_0s_weights_are_refused(tmp_path, models):

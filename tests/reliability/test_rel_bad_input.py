@@ -204,7 +204,7 @@ def test_corpus_errors_read_the_same_through_python_m(base_cfg, tmp_path):
     corpus = _corpus(tmp_path, "rows.jsonl", b'{"text": "a dog"}\n["a", "list"]\n')
     cfg = {
         **copy.deepcopy(base_cfg),
-        "data": {"train": [{"path": str(corpus)}]},
+        "data": {"train": [{"path": str(corpus)}], "max_length": 32},
         "cache_dir": str(tmp_path / "c"),
     }
     res = python_m("precompute", write_config(tmp_path / "cfg.yaml", cfg))

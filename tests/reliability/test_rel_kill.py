@@ -157,20 +157,29 @@ def test_precompute_repairs_what_a_kill_inside_a_write_leaves(pre_reference, rel
 # train
 
 
-def _steps(run: Path, skip: int) -> list[int]:
+def _steps(run: Path, after: int) -> list[int]:
+    """Global steps of the training rows in metrics.jsonl after step ``after``: a resumed run drops the
+    rows past its checkpoint before it logs those steps again, so these rows are all new."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         return []
-    lines = metrics.read_text().splitlines()[skip:]
     out = []
-    for line in lines:
+    for line in metrics.read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if "loss" in row:
+        if "loss" in row and row["step"] > after:
             out.append(row["step"])
     return out
+
+
+def _resume_step(run: Path) -> int:
+    """The global step the next train of ``run`` resumes from (0: from the start)."""
+    from stella_distill.run import checkpoint_step, list_checkpoints
+
+    found = list_checkpoints(run)
+    return checkpoint_step(found[-1]) if found else 0
 
 
 def _train_plan(seed: int) -> list[tuple[str, float]]:
@@ -213,21 +222,21 @@ def test_train_killed_10_times_resumes_to_identical_weights(train_reference, zyg
 
     landed = []
     for kind, value in _train_plan(77):
-        metrics = run / "metrics.jsonl"
-        lines = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        resumes_at = _resume_step(run)
         before = tmp_snapshot()
-        # ckpt_tmp kills meet a slow disk (each torch.save of a checkpoint then waits 0.5 s), so they
-        # land while the checkpoint's temp folder is in flight on any machine, loaded or not
-        fault = {"kind": "torch_save_pause", "after": 0, "seconds": 0.5} if kind == "ckpt_tmp" else None
+        # every run meets a slow disk (each torch.save of a checkpoint then waits 0.5 s): ckpt_tmp kills
+        # land while the checkpoint's temp folder is in flight, and no run (a resumed one with a single
+        # step left, on an idle machine) can finish before its kill, loaded or not
+        fault = {"kind": "torch_save_pause", "after": 0, "seconds": 0.5}
         job = zygote.start(["train", path], fault=fault)
         if kind == "time":
             fired = wait_for(_after(value), job)
         elif kind == "step":
-            fired = wait_for(lambda v=value, n=lines: any(s >= v for s in _steps(run, n)), job)
+            fired = wait_for(lambda v=value, n=resumes_at: any(s >= v for s in _steps(run, n)), job)
             time.sleep(rng.uniform(0, 0.08))
         else:
             fired = wait_for(
-                lambda k=int(value), b=before, n=lines: bool(fresh_tmp(b)) and len(_steps(run, n)) >= k,
+                lambda k=int(value), b=before, n=resumes_at: bool(fresh_tmp(b)) and len(_steps(run, n)) >= k,
                 job,
                 poll=0.0005,
             )

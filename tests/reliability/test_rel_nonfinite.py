@@ -53,7 +53,7 @@ def test_precompute_reports_the_rows_and_lists_them_invalid(poisoned_run):
     from stella_distill.cache import TeacherCache
 
     cfg, pre, _ = poisoned_run
-    assert "cache/bad: 3 rows gave NaN/inf vectors (rows 5, 40, 77); stored as zeros" in pre.out, pre.out
+    assert "cache/bad: 3 rows gave NaN/inf vectors (rows 5, 40, 77); stored as zeros" in pre.err, pre.err
     assert "teacher t1: 96 rows, dim 32" in pre.out and "0 invalid" in pre.out
     bad = TeacherCache(Path(cfg["cache_dir"]) / "bad")
     assert bad.manifest["invalid_rows"] == sorted(POISONED)
@@ -66,8 +66,7 @@ def test_precompute_reports_the_rows_and_lists_them_invalid(poisoned_run):
 
 def test_training_never_sees_the_invalid_rows(poisoned_run):
     from stella_distill.cache import TeacherCache
-    from stella_distill.data import split_rows
-    from stella_distill.train import batch_order
+    from stella_distill.data import batch_order, split_rows
 
     cfg, _, train = poisoned_run
     assert "train: 85 training rows, 8 held out" in train.out, train.out  # 96 - 3 invalid - 8 held out
@@ -105,7 +104,7 @@ def all_nan(poisoned_run, zygote, tmp_path_factory):
 
 def test_a_teacher_that_is_nan_everywhere_is_reported(all_nan):
     _, pre = all_nan
-    assert pre.rc == 0 and "cache/bad: 40 rows gave NaN/inf vectors (rows 0, 1, 2, 3, 4, ...)" in pre.out, (
+    assert pre.rc == 0 and "cache/bad: 40 rows gave NaN/inf vectors (rows 0, 1, 2, 3, 4, ...)" in pre.err, (
         str(pre)
     )
 
