@@ -35,7 +35,7 @@ import torch
 
 from stella_distill import card
 from stella_distill.errors import UserError, write_failure
-from stella_distill.files import replace_folder
+from stella_distill.files import open_as_umask, replace_folder
 from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_root, load, read_layout, set_dim
 from stella_distill.logs import get_logger
 from stella_distill.push import check_target, push_folder
@@ -235,6 +235,7 @@ def _publish(tmp: Path, out: Path) -> Path:
     info = read_json(tmp / INFO_FILE)
     info["files"] = sorted(_files_in(tmp) - {INFO_FILE})
     _write_json(tmp / INFO_FILE, info)
+    open_as_umask(tmp)  # mkdtemp and safetensors make private files; an export is read by servers too
     _check_out(out)  # again: the folder may have changed while the export was written
     former = tmp.with_name(tmp.name[: -len(TMP_SUFFIX)] + OLD_SUFFIX)
     replace_folder(tmp, out, former)
