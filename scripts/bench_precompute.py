@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"  # shipped copies of shared/data/corpus
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"  # the corpus files shipped in data/
 FILES = ("wordnet_glosses.txt", "wordnet_examples.txt", "fortunes.txt")
 
 

@@ -7,7 +7,7 @@ from stella_distill.version import __version__
 
 def load(path: str, dim: int | None = None, **kwargs):
     """Load an exported model as a ``SentenceTransformer``, optionally at another offered ``dim``."""
-    from stella_distill.export import load as _load
+    from stella_distill.layout import load as _load
 
     return _load(path, dim=dim, **kwargs)
 

@@ -1,39 +1,36 @@
-"""The model card of an export: its facts collected once into :class:`CardData`, rendered by short sections.
+"""The model card of an export: its facts collected once, kept in the folder, rendered by short sections.
 
-``collect`` gathers what the card says (what the folder offers, the run's config, its metrics and
-evaluation); ``render`` joins the sections, each a small function of ``CardData`` returning markdown
-lines; ``write_model_card`` also draws the plots the card shows (``loss_curve.png``,
-``metrics_by_dim.png``). The folder format itself (what ``Layout`` describes) belongs to ``export``.
+At export, ``collect_facts`` gathers what the card says about the run (its resolved config, a summary
+of ``metrics.jsonl``, the scores before training in ``baseline.json``, license, languages, datasets);
+``save_facts`` keeps them in the folder's ``stella_distill.json``, so that ``evaluate`` (putting in its
+results) and ``push`` (naming the Hub repo) rewrite the card from the folder alone. ``card_data``
+joins the facts with what the folder offers (``Layout``) and its ``eval.json``; ``render`` joins the
+sections, each a small function of ``CardData`` returning markdown lines. The YAML header is
+huggingface_hub's ``ModelCardData``, with one ``EvalResult`` per evaluated (dim, metric): the Hub's
+``model-index``. Each ``dims/{d}`` folder gets a short card of its own (``render_dim_card``).
 
-Uses run (metrics, evaluation record); never the trainer.
+Uses run (metrics, baseline), layout (what the folder offers) and plots; never the trainer.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from stella_distill.config import ExperimentConfig, from_dict
+from stella_distill.errors import UserError
+from stella_distill.files import atomic_write
 from stella_distill.hub import is_hub_id
-from stella_distill.run import find_eval, last_eval_row, read_metrics
-
-if TYPE_CHECKING:
-    from stella_distill.config import ExperimentConfig
-    from stella_distill.export import Layout
+from stella_distill.layout import INFO_FILE, Layout, dim_revision, read_info
+from stella_distill.plots import BASELINE_STYLE, DIM_PLOT, LOSS_PLOT, plot_loss_curve, plot_metrics_by_dim
+from stella_distill.run import BASELINE_FILE, EVAL_FILE, read_metrics, summarize_training
+from stella_distill.tables import read_json
 
 CARD_FILE = "README.md"
-LOSS_PLOT = "loss_curve.png"
-DIM_PLOT = "metrics_by_dim.png"
-TAGS = [
-    "sentence-transformers",
-    "sentence-similarity",
-    "feature-extraction",
-    "embeddings",
-    "distillation",
-    "matryoshka",
-    "stella-distill",
-]
+TAGS = "sentence-transformers sentence-similarity feature-extraction embeddings distillation matryoshka stella-distill"
 PAPER_BIBTEX = """@misc{zhang2025jasperstelladistillationsota,
   title         = {Jasper and Stella: distillation of SOTA embedding models},
   author        = {Dun Zhang and Jiacheng Li and Ziyang Zeng and Fulong Wang},
@@ -43,6 +40,13 @@ PAPER_BIBTEX = """@misc{zhang2025jasperstelladistillationsota,
   primaryClass  = {cs.IR},
   url           = {https://arxiv.org/abs/2412.19048},
 }"""
+# eval.json metric families -> the Hub's task type and name (model-index), and how a metric is named there
+TASKS = {
+    "sts": ("semantic-similarity", "Semantic Similarity"),
+    "retrieval": ("information-retrieval", "Information Retrieval"),
+    "fidelity": ("feature-extraction", "Teacher fidelity"),
+    "mteb": ("mteb", "MTEB"),
+}
 
 
 @dataclass
@@ -52,12 +56,16 @@ class CardData:
     name: str  # the card's title: the Hub repo, else the run's name, else the folder's
     model_ref: str  # what users pass to SentenceTransformer(...): the Hub repo or the folder
     repo_id: str | None
+    revision: str | None  # the Hub branch of the export's root (None: main)
     layout: Layout
     cfg: ExperimentConfig | None
     source: str | None  # where the weights came from (final, checkpoint ...)
-    license: str | None
-    rows: list[dict] = field(default_factory=list)  # metrics.jsonl of the run
-    eval_result: dict | None = None  # eval.json of the folder or the run
+    license: str | None = None
+    language: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids for the metadata
+    training: dict = field(default_factory=dict)  # summary of metrics.jsonl (summarize_training)
+    baseline: dict | None = None  # {metric: {model: score}} before training (baseline.json)
+    eval_result: dict | None = None  # eval.json of the folder
     plots: tuple[str, ...] = ()
 
     @property
@@ -68,50 +76,131 @@ class CardData:
     def path_line(self) -> str:
         """The line of a snippet that sets ``path`` to the model's folder."""
         if self.repo_id:
-            return f'path = snapshot_download("{self.repo_id}")'
+            revision = f', revision="{self.revision}"' if self.revision else ""
+            return f'path = snapshot_download("{self.repo_id}"{revision})'
         return f"path = {self.model_ref!r}"
 
+    def load_call(self, dim: int | None = None, root: bool = True) -> str:
+        """``SentenceTransformer(...)`` giving ``dim``-d vectors (default: the default dim) and nothing else;
+        the export's root for its default dim unless ``root`` is False."""
+        if dim is None or (root and dim == self.layout.default_dim) or dim not in self.layout.dim_folders:
+            revision = f', revision="{self.revision}"' if self.repo_id and self.revision else ""
+            return f'SentenceTransformer("{self.model_ref}"{revision})'
+        if self.repo_id:
+            return f'SentenceTransformer("{self.repo_id}", revision="{dim_revision(dim, self.revision)}")'
+        return f'SentenceTransformer("{self.model_ref}/{self.layout.dim_folders[dim]}")'
 
-def collect(
-    folder: Path,
-    layout: Layout,
-    *,
-    cfg: ExperimentConfig | None = None,
-    run_dir: Path | None = None,
-    repo_id: str | None = None,
-    source: str | None = None,
-    license: str | None = None,
-    model_ref: str | None = None,
-) -> CardData:
-    """The card's facts: ``layout`` (what the folder offers), the run's config, metrics and evaluation.
 
-    ``model_ref`` is what the card's snippets load: by default the Hub repo, else ``folder``.
+# ---------------------------------------------------------------------------------------------
+# Facts: collected at export, kept in the folder
+
+
+def collect_facts(
+    cfg: ExperimentConfig | None, run_dir: Path | None, source: str | None, license: str | None = None
+) -> dict:
+    """The card's facts about the run, as plain JSON: config, training summary, baseline, metadata.
+
+    ``license`` overrides ``export.license``. The card's ``datasets`` are ``export.datasets``, else the
+    Hub dataset ids among ``data.train`` (local files are named in the card's text, not dropped).
     """
+    ex = cfg.export if cfg is not None else None
+    baseline = run_dir / BASELINE_FILE if run_dir is not None else None
+    datasets = (
+        list(ex.datasets)
+        if ex is not None and ex.datasets is not None
+        else [s.path for s in cfg.data.train if is_hub_id(s.path)]
+        if cfg is not None
+        else []
+    )
+    return {
+        "name": cfg.name if cfg is not None else None,
+        "config": cfg.to_dict() if cfg is not None else None,
+        "source": source,
+        "license": license or (ex.license if ex is not None else None),
+        "language": list(ex.language) if ex is not None else [],
+        "datasets": datasets,
+        "training": summarize_training(read_metrics(run_dir)),
+        "baseline": _scores(read_json(baseline)) if baseline is not None and baseline.is_file() else None,
+    }
+
+
+def _scores(baseline) -> dict:
+    """The ``{metric: {model: score}}`` entries of ``baseline.json`` (not its ``made_from`` stamp)."""
+    return {k: v for k, v in baseline.items() if isinstance(v, dict)} if isinstance(baseline, dict) else {}
+
+
+def save_facts(folder: Path, facts: dict) -> None:
+    """Keep ``facts`` in ``folder``'s ``stella_distill.json`` (its other keys untouched)."""
+    info = read_info(folder)
+    info["card"] = facts
+    atomic_write(folder / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+
+
+def load_facts(folder: Path) -> dict:
+    """The facts an earlier export kept in ``folder`` (``{}`` for a folder without them)."""
+    facts = read_info(folder).get("card")
+    return facts if isinstance(facts, dict) else {}
+
+
+def _config(data: dict | None) -> ExperimentConfig | None:
+    if not isinstance(data, dict):
+        return None
+    try:  # the config as the run resolved it: its models are not looked at again
+        return from_dict(data, resolve_models=False)
+    except UserError:  # written by another version of stella-distill: the card goes without it
+        return None
+
+
+def card_data(
+    folder: Path, layout: Layout, facts: dict, model_ref: str | None = None, repo_id: str | None = None
+) -> CardData:
+    """``CardData`` of ``folder``: ``facts``, what the folder offers, and its ``eval.json``.
+
+    ``repo_id`` / ``facts["revision"]`` name the Hub repo and branch; ``model_ref`` is what the
+    snippets load (default: the Hub repo, else ``folder``).
+    """
+    repo_id = repo_id or facts.get("repo_id")
     ref = model_ref or repo_id or str(folder)
+    eval_file = Path(folder) / EVAL_FILE
     return CardData(
-        name=repo_id or (cfg.name if cfg is not None else Path(ref).name),
+        name=repo_id or facts.get("name") or Path(ref).name,
         model_ref=ref,
         repo_id=repo_id,
+        revision=facts.get("revision") if repo_id else None,
         layout=layout,
-        cfg=cfg,
-        source=source if source is not None else layout.source,
-        license=license,
-        rows=read_metrics(run_dir),
-        eval_result=find_eval(folder, run_dir),
+        cfg=_config(facts.get("config")),
+        source=facts.get("source") or layout.source,
+        license=facts.get("license"),
+        language=list(facts.get("language") or []),
+        datasets=list(facts.get("datasets") or []),
+        training=facts.get("training") or {},
+        baseline=facts.get("baseline"),
+        eval_result=read_json(eval_file) if eval_file.is_file() else None,
     )
 
 
-def write_model_card(folder: str | Path, data: CardData) -> Path:
-    """Draw the plots and write ``README.md`` into ``folder``; returns the card's path."""
+def write_model_card(folder: str | Path, data: CardData, rows: list[dict] | None = None) -> Path:
+    """Write ``README.md`` into ``folder`` (and a short one into each ``dims/{d}``); returns its path.
+
+    ``metrics_by_dim.png`` is drawn when there are results; ``loss_curve.png`` from ``rows`` (the run's
+    metrics, given at export) or kept as the export drew it.
+    """
     folder = Path(folder)
     plots = []
-    if plot_loss_curve(data.rows, folder / LOSS_PLOT):
+    if (rows and plot_loss_curve(rows, folder / LOSS_PLOT)) or (folder / LOSS_PLOT).is_file():
         plots.append(LOSS_PLOT)
-    if data.eval_result and plot_metrics_by_dim(data.eval_result, folder / DIM_PLOT):
+    if data.eval_result and plot_metrics_by_dim(data.eval_result, folder / DIM_PLOT, data.baseline):
         plots.append(DIM_PLOT)
     data.plots = tuple(plots)
-    (folder / CARD_FILE).write_text(render(data), encoding="utf-8")
+    atomic_write(folder / CARD_FILE, render(data).encode())
+    for dim, sub in data.layout.dim_folders.items():
+        if (folder / sub).is_dir():
+            atomic_write(folder / sub / CARD_FILE, render_dim_card(data, dim).encode())
     return folder / CARD_FILE
+
+
+# ---------------------------------------------------------------------------------------------
+# The card
 
 
 def render(data: CardData) -> str:
@@ -125,34 +214,92 @@ def render(data: CardData) -> str:
         _stages,
         _results,
         _usage,
-        _other_dims,
+        _every_dim,
         _transformers_only,
         _citation,
     )
     return "\n".join(line for section in sections for line in section(data))
 
 
-# ---------------------------------------------------------------------------------------------
-# Sections
+def render_dim_card(data: CardData, dim: int) -> str:
+    """The card of ``dims/{dim}`` (the Hub branch of that dim): what it is, how to load it, its results."""
+    main = f"[{data.name}](https://huggingface.co/{data.repo_id})" if data.repo_id else "`../../README.md`"
+    lines = [
+        *_header(data, dims=[dim], title=f"{data.name} ({dim}-d)"),
+        f"The {dim}-dim version of {main}, as a sentence-transformers model of its own: Transformer -> "
+        f"Pooling -> Dense({dim}) -> Normalize. Every tool that loads sentence-transformers folders (serving "
+        f"stacks included) gets {dim}-d vectors from it with no option to set.",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f"model = {data.load_call(dim, root=False)}",
+        "```",
+        "",
+    ]
+    if data.eval_result:
+        lines += _eval_table(data.eval_result, dims=[dim]) + [""]
+    return "\n".join(lines + [f"Teachers, training, the other dims and citation: {main}.", ""])
 
 
-def _header(data: CardData) -> list[str]:
-    import yaml
+def eval_results(result: dict | None, dims: list[int] | None = None) -> list:
+    """One huggingface_hub ``EvalResult`` per finite (dim, metric) of an ``eval.json`` result."""
+    from huggingface_hub import EvalResult
 
-    meta: dict[str, Any] = {
-        "library_name": "sentence-transformers",
-        "pipeline_tag": "sentence-similarity",
-        "tags": list(TAGS),
-    }
-    cfg = data.cfg
-    if cfg is not None and cfg.student is not None and is_hub_id(cfg.student.model):
-        meta["base_model"] = cfg.student.model
-    datasets = [s.path for s in cfg.data.train if is_hub_id(s.path)] if cfg is not None else []
-    if datasets:
-        meta["datasets"] = datasets
-    if data.license:
-        meta["license"] = data.license
-    return ["---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n", f"# {data.name}", ""]
+    out = []
+    by_dim = {int(d): m for d, m in ((result or {}).get("dims") or {}).items()}
+    for d in sorted(by_dim, reverse=True):
+        if dims is not None and d not in dims:
+            continue
+        for key, value in sorted(by_dim[d].items()):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            family, _, rest = key.partition("/")
+            task_type, task_name = TASKS.get(family, (family, family))
+            if family == "retrieval":
+                dataset, _, metric = rest.rpartition("/")
+                metric_type = f"cosine_{metric}"
+            elif family == "sts":
+                dataset, metric_type = rest, "spearman_cosine"
+            elif family == "mteb":
+                dataset, metric_type = f"mteb/{rest}", "main_score"
+            else:
+                dataset, metric_type = "held-out corpus rows", rest
+            dataset, _, split = dataset.partition(":")
+            out.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=task_name,
+                    dataset_type=dataset,
+                    dataset_name=f"{dataset} dim {d}",
+                    dataset_config=f"dim-{d}",  # part of the Hub's key of a result: one per dim
+                    dataset_split=split or None,
+                    metric_type=metric_type,
+                    metric_name=f"{metric_type} (dim {d})",
+                    metric_value=round(float(value), 4),
+                )
+            )
+    return out
+
+
+def _header(data: CardData, dims: list[int] | None = None, title: str | None = None) -> list[str]:
+    from huggingface_hub import ModelCardData
+
+    results = eval_results(data.eval_result, dims)
+    student = data.cfg.student if data.cfg is not None else None
+    meta = ModelCardData(
+        model_name=(title or data.name) if results else None,
+        base_model=student.model if student is not None and is_hub_id(student.model) else None,
+        datasets=data.datasets or None,
+        language=data.language or None,
+        license=data.license,
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=TAGS.split(),
+        metrics=sorted({r.metric_type for r in results}) or None,
+        eval_results=results or None,
+    )
+    return ["---", meta.to_yaml(), "---", "", f"# {title or data.name}", ""]
 
 
 def _summary(data: CardData) -> list[str]:
@@ -180,6 +327,8 @@ def _facts(data: CardData) -> list[str]:
         facts.append(("kept backbone layers", ", ".join(map(str, student.keep_layers))))
     if data.source:
         facts.append(("exported from", data.source))
+    if data.license:
+        facts.append(("license", data.license))
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts), ""]
 
 
@@ -204,27 +353,22 @@ def _training_data(data: CardData) -> list[str]:
         return []
     lines = ["## Training data", ""]
     for s in cfg.data.train:
-        extra = f" (split {s.split}{f', subset {s.subset}' if s.subset else ''}, field `{s.text_field}`"
-        extra += f", first {s.limit})" if s.limit else ")"
-        lines.append(f"- `{s.path}`{extra}")
+        where = "Hub dataset" if is_hub_id(s.path) else "local file"
+        extra = (
+            f"{where}; split {s.split}{f', subset {s.subset}' if s.subset else ''}, field `{s.text_field}`"
+        )
+        lines.append(f"- `{s.path}` ({extra}{f', first {s.limit}' if s.limit else ''})")
     if cfg.data.limit:
         lines.append(f"- at most {cfg.data.limit} texts in all")
     return [*lines, ""]
 
 
 def _stages(data: CardData) -> list[str]:
-    cfg, rows = data.cfg, data.rows
+    cfg = data.cfg
     if cfg is None:
         return []
-    world = next((r["world_size"] for r in reversed(rows) if isinstance(r.get("world_size"), int)), None)
-    last_step: dict[int, int] = {}
-    last_loss: dict[int, float] = {}
-    for r in rows:
-        i = r.get("stage_index")
-        if isinstance(i, int) and isinstance(r.get("step"), int):
-            last_step[i] = max(last_step.get(i, 0), r["step"])
-            if isinstance(r.get("loss"), (int, float)):
-                last_loss[i] = r["loss"]
+    world = data.training.get("world_size")
+    done = data.training.get("stages") or {}
     lines = [
         "## Training stages",
         "",
@@ -240,10 +384,11 @@ def _stages(data: CardData) -> list[str]:
             batch += f" x {world} proc = {s.batch_size * s.grad_accumulation * world}"
         w, mw = s.loss_weights, s.mrl_loss_weights
         mrl = f"{mw.similarity:g} / {mw.relative_similarity:g}" if s.mrl else "-"
+        stage = done.get(str(i)) or {}
         lines.append(
             f"| {s.name} | {trainable} | {steps} | {s.lr:g} | {batch} | "
             f"{w.cosine:g} / {w.similarity:g} / {w.relative_similarity:g} | {mrl} | "
-            f"{last_step.get(i, '')} | {_fmt(last_loss.get(i))} |"
+            f"{stage.get('last_step', '')} | {_fmt(stage.get('last_loss'))} |"
         )
     return [*lines, ""]
 
@@ -253,7 +398,25 @@ def _results(data: CardData) -> list[str]:
     table = _eval_table(data.eval_result) if data.eval_result else []
     if table:
         lines += ["Evaluation of this folder (`stella-distill evaluate`), per output dim:", "", *table, ""]
-    final = last_eval_row(data.rows)
+    if data.baseline:
+        found = {m for scores in data.baseline.values() for m in scores}
+        order = {"student_start": 0, "teacher": 1, "target": 2}
+        models = sorted(found, key=lambda m: (order.get(m.partition(":")[0], 1), m))
+        labels = [
+            BASELINE_STYLE.get(m.partition(":")[0], (m,))[0].format(m.partition(":")[2]) for m in models
+        ]
+        lines += [
+            "Before training (`baseline.json` of the run), for scale:",
+            "",
+            "| metric | " + " | ".join(labels) + " |",
+            "|---" * (len(models) + 1) + "|",
+            *(
+                f"| {k} | " + " | ".join(_fmt(v.get(m)) for m in models) + " |"
+                for k, v in data.baseline.items()
+            ),
+            "",
+        ]
+    final = data.training.get("final_eval") or {}
     if final:
         lines += [
             f"Teacher fidelity on held-out corpus rows at the end of training (stage {final.get('stage')}, "
@@ -264,7 +427,7 @@ def _results(data: CardData) -> list[str]:
             *(f"| {k} | {_fmt(v)} |" for k, v in final.items() if k.startswith("eval/")),
             "",
         ]
-    if not data.eval_result and not final:
+    if not table and not final:
         lines += ["No evaluation was recorded for this export.", ""]
     for plot in data.plots:
         title = "training loss" if plot == LOSS_PLOT else "metrics by output dim"
@@ -277,7 +440,7 @@ def _usage(data: CardData) -> list[str]:
     first_prompt = next(iter(prompts), None)
     lines = ["## Usage", "", "### sentence-transformers", "", "```python"]
     lines += ["from sentence_transformers import SentenceTransformer", ""]
-    lines += [f'model = SentenceTransformer("{data.model_ref}")']
+    lines += [f"model = {data.load_call()}  # {data.layout.default_dim}-d vectors"]
     if first_prompt:
         lines += [
             f'queries = model.encode(["What is distillation?"], prompt_name="{first_prompt}")',
@@ -292,7 +455,7 @@ def _usage(data: CardData) -> list[str]:
     lines += ["```", ""]
     if prompts:
         lines += [
-            "Prompts (`prompt_name=`):",
+            "Prompts (`prompt_name=`; a server applies none: put the prompt text before your query yourself):",
             "",
             *(f"- `{k}`: `{_md_escape(v)}`" for k, v in prompts.items()),
         ]
@@ -302,41 +465,63 @@ def _usage(data: CardData) -> list[str]:
     return lines
 
 
-def _other_dims(data: CardData) -> list[str]:
-    other, layout, ref = data.other_dims, data.layout, data.model_ref
-    if not other:
+def _every_dim(data: CardData) -> list[str]:
+    layout = data.layout
+    if not data.other_dims:
         return []
-    d = other[0]
-    lines = [
-        f"### Another output dim ({', '.join(map(str, other))})",
-        "",
-        "```python",
-        "import stella_distill",
-        "",
-    ]
-    lines += [f'model = stella_distill.load("{ref}", dim={d})', "```", ""]
-    if layout.mode == "truncate":
-        return lines + [
-            "Every prefix of the full vector is an embedding (Matryoshka truncation):",
+    lines = [f"### Every output dim ({', '.join(map(str, layout.dims))})", ""]
+    if layout.mode == "heads":
+        d = data.other_dims[-1]
+        lines += [
+            f"Each dim has its own trained head (`2_Dense_{{dim}}`). **Do not ask for a smaller dim with "
+            f"`truncate_dim`** (nor with a server's `dimensions` parameter): the first {d} values of the "
+            f"{layout.default_dim}-d vector are not the {d}-d embedding but another space, and no tool can "
+            "tell you so. Load the dim you want as a model of its own:",
             "",
+        ]
+    else:
+        lines += [
+            "Every prefix of the full vector is an embedding (Matryoshka truncation): "
+            f'`SentenceTransformer("{data.model_ref}", truncate_dim=d)` for any d up to {layout.full_dim}, '
+            "and a server's `dimensions=d` gives the same vectors. A model per dim, for tools without such "
+            "an option:",
+            "",
+        ]
+    if layout.dim_folders:
+        lines += ["| dim | sentence-transformers, any serving stack that loads its folders |", "|---|---|"]
+        for d in layout.dims:
+            note = " (default)" if d == layout.default_dim else ""
+            lines.append(f"| {d}{note} | `{data.load_call(d)}` |")
+        where = "a branch of the repo (`revision=`)" if data.repo_id else "a folder under `dims/`"
+        lines += [
+            "",
+            f"Each is {where} holding a complete sentence-transformers model; servers take it the same "
+            "way, e.g. `infinity_emb v2 --model-id "
+            + (
+                f"{data.repo_id} --revision {dim_revision(d, data.revision)}"
+                if data.repo_id
+                else f"PATH/dims/{d}"
+            )
+            + f" --served-model-name my-model-{d}`.",
+            "",
+        ]
+    elif layout.mode == "heads":
+        d = data.other_dims[0]
+        lines += [
             "```python",
-            f'model = SentenceTransformer("{ref}", truncate_dim={d})',
+            *(["from huggingface_hub import snapshot_download"] if data.repo_id else []),
+            "from sentence_transformers import SentenceTransformer",
+            "from sentence_transformers.models import Dense",
+            "",
+            data.path_line,
+            "model = SentenceTransformer(path)",
+            f'model[2] = Dense.load(f"{{path}}/2_Dense_{d}")  # {d}-d vectors',
             "```",
             "",
         ]
     return lines + [
-        f"Each dim has its own head (`2_Dense_{{dim}}`); `modules.json` selects {layout.default_dim}. "
-        "With sentence-transformers alone, swap the head in:",
-        "",
-        "```python",
-        *(["from huggingface_hub import snapshot_download"] if data.repo_id else []),
-        "from sentence_transformers import SentenceTransformer",
-        "from sentence_transformers.models import Dense",
-        "",
-        data.path_line,
-        "model = SentenceTransformer(path)",
-        f'model[2] = Dense.load(f"{{path}}/2_Dense_{d}")',
-        "```",
+        "With stella-distill installed: "
+        f'`stella_distill.load("{data.model_ref}", dim={data.other_dims[0]})` does the same.',
         "",
     ]
 
@@ -390,8 +575,8 @@ def _pooling_snippet(pooling: str) -> list[str]:
     ]
 
 
-def _eval_table(result: dict) -> list[str]:
-    by_dim = {int(d): m for d, m in (result.get("dims") or {}).items()}
+def _eval_table(result: dict, dims: list[int] | None = None) -> list[str]:
+    by_dim = {int(d): m for d, m in (result.get("dims") or {}).items() if dims is None or int(d) in dims}
     names = sorted({k for m in by_dim.values() for k in m})
     if not names:
         return []
@@ -409,77 +594,3 @@ def _fmt(value: Any) -> str:
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def plot_loss_curve(rows: list[dict], path: str | Path) -> Path | None:
-    """Total loss (log scale) against the global step, one colour per stage; None without loss rows."""
-    # A resumed run logs some steps twice; the last record of a step wins.
-    by_step = {
-        r["step"]: r
-        for r in rows
-        if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)
-    }
-    points = [by_step[s] for s in sorted(by_step)]
-    if not points:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
-    stages: dict[str, list[dict]] = {}
-    for r in points:
-        stages.setdefault(str(r.get("stage", "")), []).append(r)
-    for name, rs in stages.items():
-        ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label=name or None, linewidth=1.2)
-    if all(r["loss"] > 0 for r in points):
-        ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("total loss")
-    ax.set_title("training loss")
-    if len(stages) > 1 or next(iter(stages)):
-        ax.legend(title="stage", fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_metrics_by_dim(result: dict, path: str | Path) -> Path | None:
-    """One panel per metric of an ``eval.json`` result, metric against output dim; None without metrics."""
-    by_dim = {int(d): m for d, m in (result.get("dims") or {}).items()}
-    names = sorted({k for m in by_dim.values() for k, v in m.items() if isinstance(v, (int, float))})
-    if not names:
-        return None
-    plt = _pyplot()
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False)
-    dims = sorted(by_dim)
-    for ax, name in zip(axes.flat, names):
-        xs = [d for d in dims if isinstance(by_dim[d].get(name), (int, float))]
-        ax.plot(xs, [by_dim[d][name] for d in xs], marker="o")
-        if len(xs) > 1 and min(xs) > 0:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(d) for d in xs])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("dim")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    return _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    _pyplot().close(fig)
-    return Path(path)

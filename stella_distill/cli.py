@@ -1,4 +1,4 @@
-"""The `stella-distill` command: precompute, train, export, evaluate, run.
+"""The `stella-distill` command: precompute, train, export, evaluate, push, run.
 
 Every verb that takes a CONFIG also takes dotted overrides after it (`stages.0.lr=2e-4`).
 User mistakes (bad config, missing file, mismatched cache) print one line and exit 2.
@@ -43,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dim", type=int, default=None, help="default output dim (export.default_dim)")
     ex.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload to the Hub")
     ex.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    ex.add_argument(
+        "--layout",
+        choices=["per-dim", "single"],
+        default=None,
+        help="per-dim: also dims/<d>/, a complete folder per offered dim (export.layout, default per-dim)",
+    )
+
+    push_help = (
+        "send an export folder to the Hub as it is now (card included; each dims/<d> to branch dim-<d>)"
+    )
+    pu = sub.add_parser("push", help=push_help, description=push_help)
+    pu.add_argument("folder", help="export folder")
+    pu.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repo (created if missing)")
+    pu.add_argument(
+        "--revision", default=None, help="branch for the folder (default main; dims: REVISION-dim-<d>)"
+    )
+    pu.add_argument("--create-pr", action="store_true", help="open pull requests instead of committing")
+    pu.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    pu.add_argument("--message", default=None, help="commit message")
 
     ev = sub.add_parser("evaluate", help="score an exported model: STS, retrieval, teacher fidelity")
     ev.add_argument("model_dir", help="sentence-transformers folder (an export)")
@@ -114,7 +133,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "export":
         from stella_distill.export import export_run
 
-        export_run(args.run_dir, args.out, dim=args.dim, repo_id=args.push_to_hub, private=args.private)
+        export_run(
+            args.run_dir,
+            args.out,
+            dim=args.dim,
+            repo_id=args.push_to_hub,
+            private=args.private,
+            layout=args.layout,
+        )
+        return 0
+    if args.verb == "push":
+        from stella_distill.export import push_export
+
+        push_export(
+            args.folder, args.repo, revision=args.revision, create_pr=args.create_pr, private=args.private,
+            commit_message=args.message,
+        )  # fmt: skip
         return 0
     if args.verb == "evaluate":
         from stella_distill.evaluate import evaluate_model

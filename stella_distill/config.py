@@ -217,6 +217,12 @@ class ExportConfig:
     default_prompt_name: str | None = _f(None, doc="prompt applied when encode() names none")
     push_to_hub: str | None = _f(None, doc="Hub repo id to push to after export (e.g. org/name)")
     private: bool = _f(False, doc="create the Hub repo as private")
+    layout: Literal["per-dim", "single"] = _f(
+        "per-dim", doc="per-dim: also dims/<d>/, a complete folder per dim (Hub: branch dim-<d>); single: no"
+    )
+    license: str | None = _f(None, doc="the model card's license id (the Hub's), e.g. apache-2.0 or mit")
+    language: list[str] = _f(factory=list, doc="language codes of the training data for the card, e.g. [en]")
+    datasets: list[str] | None = _f(None, doc="Hub dataset ids for the card (null: Hub ids in data.train)")
 
 
 @dataclass
@@ -493,6 +499,15 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                 f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts "
                 f"({', '.join(ex.prompts) or 'none defined'})"
             )
+    for name, values, pattern, what in (  # the card's metadata: what the Hub accepts
+        ("license", [ex.license] if ex.license else [], r"[a-z0-9][a-z0-9.+-]*", "a license id such as mit"),
+        ("language", ex.language, r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", "a language code such as en or pt-BR"),
+        ("datasets", ex.datasets or [], r"(?!\.)(?!.*\.\.)[\w.-]+(/[\w.-]+)?", "a Hub dataset id (org/name)"),
+    ):
+        for i, value in enumerate(values):
+            if not re.fullmatch(pattern, value):
+                where = "export.license" if name == "license" else f"export.{name}.{i}"
+                raise ConfigError(f"{where}: expected {what}; got {value!r}")
     if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
         raise ConfigError(
             f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "

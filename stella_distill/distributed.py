@@ -50,7 +50,8 @@ def gather_outputs(outputs: dict[int, torch.Tensor], accelerator, enabled: bool)
 
 
 def make_accelerator(log_with: list | None = None, logging_dir: str | None = None):
-    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: see NOTES.md),
+    """An Accelerator that is really distributed on CPU too (`cpu=True` when no GPU: a plain one under
+    `accelerate launch --multi_gpu` on a CPU machine gives processes that each think they are alone),
     with the experiment trackers ``log_with`` (names or ``GeneralTracker``s) writing files under ``logging_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration

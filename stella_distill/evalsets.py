@@ -212,6 +212,27 @@ def _checked(path: Path, s1: list[str], s2: list[str], scores: list[float]):
     return s1, s2, np.asarray(scores, dtype=np.float64)
 
 
+def names(paths: list[str | Path]) -> list[str]:
+    """Short unique names for evaluation files/folders (``sts/<name>`` in eval.json and baseline.json): the name without its format and compression
+    suffixes (``sts-dev``; ``stsbenchmark:test`` for ``stsbenchmark.tsv.gz::test``), or
+    parent/name when names repeat."""
+    stems = []
+    for p in paths:
+        name, _, split = str(p).partition("::")
+        path = Path(name)
+        fmt, compression = tables.file_format(path)
+        cut = len(fmt or "") + len(compression or "")
+        stem = path.name[: len(path.name) - cut] if cut and len(path.name) > cut else path.name
+        stems.append(f"{stem}:{split}" if split else stem)
+    names = [
+        s if stems.count(s) == 1 else f"{Path(str(p).partition('::')[0]).parent.name}/{s}"
+        for s, p in zip(stems, paths)
+    ]
+    # still clashing (a.tsv beside a.tsv.gz, or one file given twice): the path as given, then a count
+    names = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+    return [n if names.count(n) == 1 else f"{n}#{names[:k].count(n) + 1}" for k, n in enumerate(names)]
+
+
 @dataclasses.dataclass
 class BeirSet:
     """A BEIR retrieval set: corpus, the queries that have relevant documents, graded relevance."""

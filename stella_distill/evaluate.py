@@ -1,23 +1,29 @@
 """Score an exported model per output dim: STS, retrieval, teacher fidelity, optionally MTEB.
 
-The model is loaded through sentence-transformers (``export.load``), i.e. exactly what users get.
-Reported per dim, correlations and retrieval metrics x100:
+The model is loaded through sentence-transformers (``layout.load``), i.e. exactly what users get,
+and scored with sentence-transformers' own evaluators; our tolerant readers (``evalsets``) stand in
+front of them. Reported per dim, correlations and retrieval metrics x100:
 
-- ``sts/<name>``: Spearman of cosine vs gold score on a scored sentence-pair file (STS-B's own tab
-  layout, or csv/tsv/jsonl/json/parquet with sentence1/sentence2/score columns: ``read_sts``);
-- ``retrieval/<name>/ndcg@10``, ``retrieval/<name>/recall@100`` on a BEIR folder (``corpus.jsonl``,
-  ``queries.jsonl``, ``qrels/test.tsv``), computed as pytrec_eval/BEIR do (linear gain, queries with
-  at least one relevant document, a document never retrieved for a query of the same id);
+- ``sts/<name>``: ``EmbeddingSimilarityEvaluator``'s Spearman of cosine vs gold score on a scored
+  sentence-pair file (STS-B's own tab layout, or csv/tsv/jsonl/json/parquet with sentence1/sentence2/
+  score columns: ``read_sts``);
+- ``retrieval/<name>/{ndcg@10,mrr@10,map@100,recall@100}``: ``InformationRetrievalEvaluator`` on a
+  BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/test.tsv``). Like that evaluator, every
+  judgment above 0 counts as relevant (binary gain: graded sets such as TREC-COVID score otherwise than
+  BEIR's graded nDCG; ``--mteb`` gives those) and a document with the query's id is not skipped;
 - ``fidelity/cosine`` (full dim, raw mean cosine) and ``fidelity/similarity_spearman`` (every dim):
   agreement with the teachers' target on held-out cached rows, given ``--config`` (and ``--cache``);
 - ``mteb/<task>``: MTEB main score, with ``--mteb`` and the ``mteb`` package installed.
 
+In truncate mode the evaluators get ``truncate_dim``; in heads mode the dim's own head is swapped in.
 ``eval.json`` (``{"model", "mode", "default_dim", "dims": {dim: {metric: value}}, "inputs"}``) and
-``metrics_by_dim.png`` are written to ``out_dir`` (default: the model folder).
+``metrics_by_dim.png`` are written to ``out_dir`` (default: the model folder). An export of ours also
+keeps the results (merged with earlier ones) in its own ``eval.json`` and gets its card rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,17 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from stella_distill import tables
 from stella_distill.cache import build_target, l2_normalize, open_caches
-from stella_distill.card import DIM_PLOT, plot_metrics_by_dim
+from stella_distill.card import load_facts
 from stella_distill.config import ExperimentConfig, load_config
 from stella_distill.data import load_corpus, split_rows
 from stella_distill.errors import UserError
-from stella_distill.evalsets import BeirSet, read_beir, read_sts
-from stella_distill.export import load, read_layout, set_dim
+from stella_distill.evalsets import BeirSet, names, read_beir, read_sts
+from stella_distill.export import write_card
+from stella_distill.files import atomic_write
+from stella_distill.layout import is_export_root, load, read_layout, set_dim
 from stella_distill.logs import get_logger
+from stella_distill.plots import DIM_PLOT, plot_metrics_by_dim
 from stella_distill.pooling import with_prompt
-from stella_distill.run import EVAL_FILE
+from stella_distill.run import EVAL_FILE, find_eval
 
 logger = get_logger(__name__)
 FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
@@ -44,66 +52,6 @@ FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
-
-
-def ndcg_at_k(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
-    """nDCG@k with linear gain (pytrec_eval's ``ndcg_cut``): sum rel_i / log2(i + 2) over the top k,
-    divided by the same sum over the ideal ordering of all judged documents."""
-    dcg = sum(max(rels.get(doc, 0), 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
-    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at_k(ranked: list[str], rels: dict[str, int], k: int = 100) -> float:
-    """Share of the relevant documents (relevance > 0) found in the top k."""
-    relevant = {d for d, r in rels.items() if r > 0}
-    return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else 0.0
-
-
-def rank_documents(
-    queries: np.ndarray,
-    docs: np.ndarray,
-    k: int,
-    exclude: list[int | None] | None = None,
-    query_block: int = 1024,
-    doc_block: int = 32768,
-) -> np.ndarray:
-    """Indices ``(n_queries, k')`` of the highest dot products, best first (``k' = min(k, n_docs)``,
-    one less when documents are excluded).
-
-    Exact search in blocks (memory ``query_block x doc_block`` scores): each corpus block's top k is
-    merged into the running top k. ``exclude[i]`` (a document index or None) is never returned for
-    query ``i``.
-    """
-    import torch
-
-    k = min(k, len(docs) - (1 if exclude and any(e is not None for e in exclude) else 0))
-    d_all = torch.from_numpy(np.ascontiguousarray(docs, dtype=np.float32))
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for q0 in range(0, len(queries), query_block):
-        q = torch.from_numpy(np.ascontiguousarray(queries[q0 : q0 + query_block], dtype=np.float32))
-        best_s = torch.full((len(q), 0), -math.inf)
-        best_i = torch.zeros((len(q), 0), dtype=torch.long)
-        for d0 in range(0, len(d_all), doc_block):
-            scores = q @ d_all[d0 : d0 + doc_block].T
-            if exclude:
-                for row, e in enumerate(exclude[q0 : q0 + len(q)]):
-                    if e is not None and d0 <= e < d0 + scores.shape[1]:
-                        scores[row, e - d0] = -math.inf
-            s, i = scores.topk(min(k, scores.shape[1]), dim=1)
-            merged_s, merged_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + d0], 1)
-            order = merged_s.argsort(dim=1, descending=True, stable=True)[:, :k]
-            best_s, best_i = merged_s.gather(1, order), merged_i.gather(1, order)
-        out[q0 : q0 + len(q)] = best_i.numpy()
-    return out
-
-
-def retrieval_metrics(ranked: list[list[str]], beir: BeirSet) -> dict[str, float]:
-    """Mean nDCG@10 and recall@100 (x100) over the queries of ``beir`` given each one's ranking."""
-    ndcg = [ndcg_at_k(r, beir.qrels[q], 10) for q, r in zip(beir.query_ids, ranked)]
-    recall = [recall_at_k(r, beir.qrels[q], 100) for q, r in zip(beir.query_ids, ranked)]
-    return {"ndcg@10": 100 * float(np.mean(ndcg)), "recall@100": 100 * float(np.mean(recall))}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,8 +83,14 @@ def fidelity_metrics(student: np.ndarray, target: np.ndarray) -> dict[str, float
     return out
 
 
+def spearman_cosine(a: np.ndarray, b: np.ndarray, scores) -> float:
+    """Spearman x100 of cosine(a_i, b_i) vs ``scores``: what ``EmbeddingSimilarityEvaluator`` reports,
+    for vectors already computed (the teachers and the untrained student of ``baseline.json``)."""
+    return 100 * _spearman(np.sum(_l2_64(a) * _l2_64(b), axis=1), np.asarray(scores, dtype=np.float64))
+
+
 # ---------------------------------------------------------------------------------------------
-# Encoding and per-task scoring
+# Scoring through sentence-transformers' evaluators
 
 
 def _check_finite_weights(model, model_dir: Path) -> None:
@@ -159,48 +113,57 @@ def _finite(emb: np.ndarray, what: str) -> np.ndarray:
     return emb
 
 
-def _encode(
-    model, texts: list[str], batch_size: int, prompt_name: str | None = None, prompt: str | None = None
-):
-    """L2-normalised float32 embeddings; a SentenceTransformer gets prompts, any other ``.encode`` not.
+def _cut(model, texts) -> list[str]:
+    """Texts cut to a length far beyond what the model reads (``pooling.with_prompt``), so that one
+    pathological text cannot exhaust memory inside an evaluator."""
+    return with_prompt(list(texts), "", model.max_seq_length or None)
 
-    Texts are cut to a length far beyond what the model reads (``pooling.with_prompt``), so one
-    pathological text cannot exhaust memory; NaN/inf vectors are an error, never a score.
+
+def _score(value: float, what: str) -> float:
+    """A score x100, or ``UserError``: a NaN/inf score (NaN/inf vectors, or every similarity the same)
+    is never reported as a result."""
+    if not math.isfinite(value):
+        raise UserError(f"{what}: no finite score (NaN/inf vectors, or the same similarity for every pair)")
+    return 100 * value
+
+
+@contextlib.contextmanager
+def _default_prompt(model, prompt_name: str | None):
+    """``model.encode`` applies ``prompt_name`` while inside (None: the model's own default prompt);
+    ``EmbeddingSimilarityEvaluator`` has no prompt option of its own."""
+    before = model.default_prompt_name
+    if prompt_name is not None:
+        model.default_prompt_name = prompt_name
+    try:
+        yield model
+    finally:
+        model.default_prompt_name = before
+
+
+def sts_spearman(
+    model,
+    pairs,
+    batch_size: int = 64,
+    prompt_name: str | None = None,
+    truncate_dim: int | None = None,
+) -> float:
+    """Spearman x100 of cosine(sentence 1, sentence 2) vs the gold scores, by ``EmbeddingSimilarityEvaluator``.
+
+    ``pairs`` is a ``read_sts`` file (path) or its ``(sentences 1, sentences 2, scores)``; ``model`` a
+    ``SentenceTransformer``; ``prompt_name`` one of its prompts (None: its default prompt, if any).
     """
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-    if isinstance(model, SentenceTransformer):
-        texts = with_prompt(list(texts), "", model.max_seq_length or None)
-        emb = model.encode(
-            list(texts),
-            batch_size=batch_size,
-            prompt_name=prompt_name,
-            prompt=prompt,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return _finite(np.asarray(emb, dtype=np.float32), "evaluate")
-    if prompt_name is not None or prompt:
-        raise ValueError("prompts need a SentenceTransformer model")
-    emb = model.encode(list(texts), batch_size=batch_size)
-    emb = emb.detach().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb)
-    return _finite(_l2_64(emb).astype(np.float32), "evaluate")
+    s1, s2, scores = read_sts(pairs) if isinstance(pairs, (str, Path)) else pairs
+    evaluator = EmbeddingSimilarityEvaluator(
+        _cut(model, s1), _cut(model, s2), [float(x) for x in scores], batch_size=batch_size,
+        main_similarity="cosine", write_csv=False, truncate_dim=truncate_dim,
+    )  # fmt: skip
+    with _default_prompt(model, prompt_name):
+        return _score(float(evaluator(model)[evaluator.primary_metric]), "STS")
 
 
-def sts_spearman(model, path: str | Path, batch_size: int = 64, prompt_name: str | None = None) -> float:
-    """Spearman x100 of cosine(sentence 1, sentence 2) vs the gold scores of a ``read_sts`` file.
-
-    ``model`` is a ``SentenceTransformer`` (``prompt_name`` picks one of its prompts; None means its
-    default prompt, if any) or any object whose ``encode(texts, batch_size=...)`` returns vectors.
-    """
-    s1, s2, scores = read_sts(path)
-    unique = list(dict.fromkeys(s1 + s2))
-    emb = _encode(model, unique, batch_size, prompt_name).astype(np.float64)
-    index = {t: i for i, t in enumerate(unique)}
-    a = emb[[index[t] for t in s1]]
-    b = emb[[index[t] for t in s2]]
-    return 100 * _spearman(np.sum(a * b, axis=1), scores)
+RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@100")
 
 
 def retrieval_scores(
@@ -209,16 +172,25 @@ def retrieval_scores(
     batch_size: int = 64,
     query_prompt_name: str | None = None,
     doc_prompt_name: str | None = None,
-    ignore_identical_ids: bool = True,
+    truncate_dim: int | None = None,
 ) -> dict[str, float]:
-    """nDCG@10 and recall@100 (x100) of ``model`` on a BEIR set (exact search by cosine)."""
-    q = _encode(model, beir.query_texts, batch_size, query_prompt_name)
-    d = _encode(model, beir.doc_texts, batch_size, doc_prompt_name)
-    position = {doc: i for i, doc in enumerate(beir.doc_ids)}
-    exclude = [position.get(qid) for qid in beir.query_ids] if ignore_identical_ids else None
-    top = rank_documents(q, d, 100, exclude)
-    ranked = [[beir.doc_ids[i] for i in row] for row in top]
-    return retrieval_metrics(ranked, beir)
+    """``RETRIEVAL_METRICS`` (x100) of ``model`` on a BEIR set by ``InformationRetrievalEvaluator``
+    (exact search by cosine). Prompts left None follow sentence-transformers' ``encode_query`` /
+    ``encode_document``: its ``query`` / ``document`` prompt if the model has one, else its default."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    evaluator = InformationRetrievalEvaluator(
+        queries=dict(zip(beir.query_ids, _cut(model, beir.query_texts))),
+        corpus=dict(zip(beir.doc_ids, _cut(model, beir.doc_texts))),
+        relevant_docs={q: {d for d, r in rels.items() if r > 0} for q, rels in beir.qrels.items()},
+        mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[100],
+        batch_size=batch_size, write_csv=False, truncate_dim=truncate_dim,
+        score_functions={"cosine": cos_sim}, main_score_function="cosine",
+        query_prompt_name=query_prompt_name, corpus_prompt_name=doc_prompt_name,
+    )  # fmt: skip
+    metrics = evaluator(model)
+    return {m: _score(float(metrics[f"cosine_{m}"]), "retrieval") for m in RETRIEVAL_METRICS}
 
 
 def run_mteb(model, tasks: list[str], output_folder: str | Path) -> dict[str, float]:
@@ -298,27 +270,6 @@ def fidelity_inputs(
 # Entry point
 
 
-def _names(paths: list[str | Path]) -> list[str]:
-    """Short unique names for input files/folders: the name without its format and compression
-    suffixes (``sts-dev``; ``stsbenchmark:test`` for ``stsbenchmark.tsv.gz::test``), or
-    parent/name when names repeat."""
-    stems = []
-    for p in paths:
-        name, _, split = str(p).partition("::")
-        path = Path(name)
-        fmt, compression = tables.file_format(path)
-        cut = len(fmt or "") + len(compression or "")
-        stem = path.name[: len(path.name) - cut] if cut and len(path.name) > cut else path.name
-        stems.append(f"{stem}:{split}" if split else stem)
-    names = [
-        s if stems.count(s) == 1 else f"{Path(str(p).partition('::')[0]).parent.name}/{s}"
-        for s, p in zip(stems, paths)
-    ]
-    # still clashing (a.tsv beside a.tsv.gz, or one file given twice): the path as given, then a count
-    names = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
-    return [n if names.count(n) == 1 else f"{n}#{names[:k].count(n) + 1}" for k, n in enumerate(names)]
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -357,6 +308,31 @@ def _check_prompt_names(model_dir: Path, **names: str | None) -> None:
             )
 
 
+def _merge(old: dict | None, new: dict) -> dict:
+    """``new`` over ``old`` (two evaluations of the same folder): per dim and metric, the newer wins."""
+    if not isinstance(old, dict) or not isinstance(old.get("dims"), dict):
+        return new
+    dims = {d: dict(m) for d, m in old["dims"].items() if isinstance(m, dict)}
+    for d, m in new["dims"].items():
+        dims.setdefault(d, {}).update(m)
+    inputs = dict(old.get("inputs") or {})
+    for key, value in new["inputs"].items():
+        if isinstance(value, list) and isinstance(inputs.get(key), list):
+            inputs[key] = list(dict.fromkeys(inputs[key] + value))
+        elif value is not None or key not in inputs:
+            inputs[key] = value
+    return {**new, "dims": dict(sorted(dims.items(), key=lambda kv: -int(kv[0]))), "inputs": inputs}
+
+
+def _write_result(out_dir: Path, result: dict, baseline: dict | None) -> Path | None:
+    """``eval.json`` and ``metrics_by_dim.png`` into ``out_dir``; the plot's path, if drawn."""
+    try:
+        atomic_write(out_dir / EVAL_FILE, (json.dumps(result, indent=2) + "\n").encode())
+        return plot_metrics_by_dim(result, out_dir / DIM_PLOT, baseline)
+    except OSError as exc:
+        raise UserError(f"--out: cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
+
+
 def evaluate_model(
     model_dir: str | Path,
     *,
@@ -379,9 +355,11 @@ def evaluate_model(
 
     ``dims`` defaults to every offered dim. Inputs are read and checked before the model loads.
     Fidelity needs ``config`` (and ``cache_dir`` when the cache moved; held-out ``rows`` default to
-    the trainer's split). ``*_prompt_name`` pick prompts of the model (None: its default prompt). Prints a table,
-    writes ``eval.json`` and ``metrics_by_dim.png`` into ``out_dir`` (default ``model_dir``) and
-    returns the ``eval.json`` content.
+    the trainer's split). ``*_prompt_name`` pick prompts of the model (None: see ``sts_spearman`` and
+    ``retrieval_scores``). Prints a table, writes ``eval.json`` and ``metrics_by_dim.png`` into
+    ``out_dir`` (default ``model_dir``) and returns the ``eval.json`` content. An export of ours
+    (``stella_distill.json`` with its file list) keeps these results, merged over earlier ones, in its
+    own ``eval.json``, and its model card is rewritten to show them (model-index included).
     """
     model_dir = Path(model_dir)
     if not (model_dir / "modules.json").is_file():
@@ -396,8 +374,8 @@ def evaluate_model(
     _check_prompt_names(model_dir, sts=sts_prompt_name, query=query_prompt_name, doc=doc_prompt_name)
     if mteb_tasks:
         _import_mteb()
-    sts_sets = [(name, str(p), read_sts(p)) for name, p in zip(_names(sts), sts)]
-    beir_sets = [(name, read_beir(p)) for name, p in zip(_names(retrieval), retrieval)]
+    sts_sets = [(name, str(p), read_sts(p)) for name, p in zip(names(sts), sts)]
+    beir_sets = [(name, read_beir(p)) for name, p in zip(names(retrieval), retrieval)]
     fidelity = fidelity_inputs(config, cache_dir, rows) if config is not None else None
     if fidelity is not None and fidelity[1].shape[1] != layout.full_dim:
         raise UserError(
@@ -415,16 +393,20 @@ def evaluate_model(
     results: dict[int, dict[str, float]] = {}
     for d in dims:
         set_dim(model, model_dir, d, layout)
+        truncate = d if layout.mode == "truncate" else None
         metrics: dict[str, float] = {}
-        for name, path, _ in sts_sets:
-            metrics[f"sts/{name}"] = sts_spearman(model, path, batch_size, sts_prompt_name)
+        for name, _, pairs in sts_sets:
+            metrics[f"sts/{name}"] = sts_spearman(model, pairs, batch_size, sts_prompt_name, truncate)
         for name, beir in beir_sets:
-            scores = retrieval_scores(model, beir, batch_size, query_prompt_name, doc_prompt_name)
+            scores = retrieval_scores(model, beir, batch_size, query_prompt_name, doc_prompt_name, truncate)
             metrics.update({f"retrieval/{name}/{k}": v for k, v in scores.items()})
         if fidelity is not None:
             texts, target, prompt, _ = fidelity
-            vectors = _encode(model, texts, batch_size, prompt=prompt)
-            metrics.update(fidelity_metrics(vectors, target))
+            vectors = model.encode(
+                _cut(model, texts), batch_size=batch_size, prompt=prompt, convert_to_numpy=True,
+                show_progress_bar=False,
+            )  # fmt: skip
+            metrics.update(fidelity_metrics(_finite(vectors, "evaluate"), target))
         if mteb_tasks:
             metrics.update(run_mteb(model, mteb_tasks, out_dir / "mteb" / str(d)))
         results[d] = metrics
@@ -443,14 +425,21 @@ def evaluate_model(
             "batch_size": batch_size,
         },
     }
-    try:
-        (out_dir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot = plot_metrics_by_dim(result, out_dir / DIM_PLOT)
-    except OSError as exc:
-        raise UserError(f"--out: cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
+    ours = is_export_root(model_dir)
+    baseline = load_facts(model_dir).get("baseline") if ours else None
+    kept = _merge(find_eval(model_dir), result) if ours else None
+    plot = _write_result(out_dir, kept if out_dir == model_dir and ours else result, baseline)
     if any(results.values()):
         logger.info(format_table(results))
     else:
         logger.info("evaluate: nothing to score (give --sts, --retrieval, --cache with --config, or --mteb)")
     logger.info(f"evaluate: wrote {out_dir / EVAL_FILE}" + (f" and {plot}" if plot else ""))
+    if ours and any(results.values()):
+        if out_dir != model_dir:
+            _write_result(model_dir, kept, baseline)
+        logger.info(f"evaluate: {write_card(model_dir)} now shows these results (and its model-index)")
+    elif not ours:
+        logger.info(
+            f"evaluate: {model_dir} is not an export of stella-distill; its files are left as they are"
+        )
     return result

@@ -11,17 +11,14 @@ sentence-transformers installed (no ``trust_remote_code``, no stella_distill imp
     1_Pooling/config.json              mean | cls | lasttoken, as the student pooled
     2_Dense_{d}/                       Linear(hidden, d) with bias, Identity activation
     config_sentence_transformers.json  prompts, default_prompt_name, similarity_fn_name, truncate_dim
-    stella_distill.json                MRL mode, offered dims, provenance (optional for loading)
+    stella_distill.json                MRL mode, offered dims, provenance, the card's facts (not needed to load)
+    dims/{d}/                          export.layout per-dim: a complete folder per offered dim (see layout.py)
 
 ``modules.json`` uses the legacy ``sentence_transformers.models.*`` type strings and the module configs
 use their legacy keys, which serving stacks (TEI, vLLM) parse. The MRL part of the student maps to:
-
-- ``heads``: one ``2_Dense_{d}`` folder per offered dim (the full target dim included), with
-  ``modules.json`` naming the default one, like the released Stella models. ``load(path, dim)``
-  swaps in another head.
-- ``truncate``: one ``2_Dense_{full}`` and ``truncate_dim`` (the default dim) in
-  ``config_sentence_transformers.json``; every prefix is a valid embedding.
-- ``none``: one ``2_Dense_{full}``.
+``heads``: one ``2_Dense_{d}`` per offered dim (the full target dim included), ``modules.json`` naming
+the default, like the released Stella models; ``truncate``: one ``2_Dense_{full}`` and ``truncate_dim``
+(the default dim), every prefix an embedding; ``none``: one ``2_Dense_{full}``.
 """
 
 from __future__ import annotations
@@ -31,23 +28,22 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stella_distill import card
-from stella_distill.errors import UserError, first_line, write_failure
-from stella_distill.files import replace_folder
-from stella_distill.hub import is_hub_id
+from stella_distill.errors import UserError, write_failure
+from stella_distill.files import open_as_umask, replace_folder
+from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_root, load, read_layout, set_dim
 from stella_distill.logs import get_logger
-from stella_distill.run import Source, consolidate_state_dict, find_source
+from stella_distill.push import check_target, push_folder
+from stella_distill.run import Source, consolidate_state_dict, find_source, read_metrics
 from stella_distill.student import StudentModel
 from stella_distill.tables import read_json
 
 logger = get_logger(__name__)
-
 LEGACY_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
     "Pooling": "sentence_transformers.models.Pooling",
@@ -55,7 +51,6 @@ LEGACY_TYPES = {
     "Normalize": "sentence_transformers.models.Normalize",
 }
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
-INFO_FILE = "stella_distill.json"
 # Sentences the export is checked on: the loaded folder must reproduce the student on them.
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -105,26 +100,17 @@ def offered_dims(student) -> list[int]:
     return sorted({int(student.target_dim), *(int(d) for d in student.mrl_dims)}, reverse=True)
 
 
-def _check_dim(dim: int, mode: str, dims: list[int], full: int, where: str) -> int:
-    dim = int(dim)
-    if mode == "truncate" and 1 <= dim <= full:
-        return dim
-    if dim in dims:
-        return dim
-    extra = f" (truncate mode: any prefix 1..{full})" if mode == "truncate" else ""
-    raise UserError(f"{where}: dim {dim} is not offered; offered dims: {', '.join(map(str, dims))}{extra}")
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_dense(folder: Path, linear) -> None:
+def _write_dense(folder: Path, linear, rows: int | None = None) -> None:
+    """A sentence-transformers Dense module of ``linear`` (its first ``rows`` outputs, if given)."""
     from safetensors.torch import save_file
 
-    weight = linear.weight.detach().float().cpu().contiguous()
-    bias = linear.bias.detach().float().cpu().contiguous()
+    weight = linear.weight.detach().float().cpu()[:rows].contiguous()
+    bias = linear.bias.detach().float().cpu()[:rows].contiguous()
     _write_json(
         folder / "config.json",
         {
@@ -249,6 +235,7 @@ def _publish(tmp: Path, out: Path) -> Path:
     info = read_json(tmp / INFO_FILE)
     info["files"] = sorted(_files_in(tmp) - {INFO_FILE})
     _write_json(tmp / INFO_FILE, info)
+    open_as_umask(tmp)  # mkdtemp and safetensors make private files; an export is read by servers too
     _check_out(out)  # again: the folder may have changed while the export was written
     former = tmp.with_name(tmp.name[: -len(TMP_SUFFIX)] + OLD_SUFFIX)
     replace_folder(tmp, out, former)
@@ -281,13 +268,15 @@ def export_student(
     info: dict | None = None,
     default_dim_field: str = "export.default_dim",
     before_publish: Callable[[Path], Any] | None = None,
+    layout: str = "per-dim",
 ) -> Path:
     """Write ``student`` (a ``StudentModel``) as a sentence-transformers folder at ``out``.
 
     ``default_dim`` is the dim ``SentenceTransformer(out)`` returns (default: the full target dim).
     ``default_dim_field`` names where the default dim came from in errors. ``prompts`` become named
     prompts; a non-empty training prefix of the student (``student.prompt``) is added as the
-    ``document`` prompt unless a prompt already holds it.
+    ``document`` prompt unless a prompt already holds it. ``layout="per-dim"`` also writes
+    ``dims/{d}/``, one self-contained folder per offered dim (when there is more than one).
 
     The folder is written beside ``out`` and ``before_publish(folder)`` (the card, a check) runs on it
     there; then it replaces ``out`` as a whole, so no stale head survives and ``out`` always holds one
@@ -299,9 +288,7 @@ def export_student(
     dims = offered_dims(student)
     full = int(student.target_dim)
     mode = student.mrl_mode
-    default_dim = (
-        full if default_dim is None else _check_dim(default_dim, mode, dims, full, default_dim_field)
-    )
+    default_dim = full if default_dim is None else check_dim(default_dim, mode, dims, full, default_dim_field)
     prompts = dict(prompts or {})
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise UserError(f"export.default_prompt_name: {default_prompt_name!r} is not one of export.prompts")
@@ -312,7 +299,7 @@ def export_student(
     tmp = None
     try:
         tmp = _prepare_out(out)
-        _write_export(student, tmp, default_dim, prompts, default_prompt_name, info)
+        _write_export(student, tmp, default_dim, prompts, default_prompt_name, info, layout)
         if before_publish is not None:
             before_publish(tmp)
         return _publish(tmp, out)
@@ -327,7 +314,18 @@ def export_student(
         ) from None
 
 
-def _write_export(student, tmp: Path, default_dim: int, prompts: dict, default_prompt_name, info) -> None:
+def _modules(dense_dir: str) -> list[dict]:
+    return [
+        {"idx": 0, "name": "0", "path": "", "type": LEGACY_TYPES["Transformer"]},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": LEGACY_TYPES["Pooling"]},
+        {"idx": 2, "name": "2", "path": dense_dir, "type": LEGACY_TYPES["Dense"]},
+        {"idx": 3, "name": "3", "path": "3_Normalize", "type": LEGACY_TYPES["Normalize"]},
+    ]
+
+
+def _write_export(
+    student, tmp: Path, default_dim: int, prompts: dict, default_prompt_name, info, layout: str = "per-dim"
+) -> None:
     full = int(student.target_dim)
     mode = student.mrl_mode
     dims = offered_dims(student)
@@ -342,16 +340,7 @@ def _write_export(student, tmp: Path, default_dim: int, prompts: dict, default_p
         heads.update({int(d): student.mrl_heads[str(d)] for d in student.mrl_dims})
     for d, linear in heads.items():
         _write_dense(tmp / f"2_Dense_{d}", linear)
-    dense_dim = default_dim if mode == "heads" else full
-    _write_json(
-        tmp / "modules.json",
-        [
-            {"idx": 0, "name": "0", "path": "", "type": LEGACY_TYPES["Transformer"]},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": LEGACY_TYPES["Pooling"]},
-            {"idx": 2, "name": "2", "path": f"2_Dense_{dense_dim}", "type": LEGACY_TYPES["Dense"]},
-            {"idx": 3, "name": "3", "path": "3_Normalize", "type": LEGACY_TYPES["Normalize"]},
-        ],
-    )
+    _write_json(tmp / "modules.json", _modules(f"2_Dense_{default_dim if mode == 'heads' else full}"))
     st_config: dict[str, Any] = {
         "__version__": _versions(),
         "model_type": "SentenceTransformer",
@@ -362,6 +351,20 @@ def _write_export(student, tmp: Path, default_dim: int, prompts: dict, default_p
     if mode == "truncate":
         st_config["truncate_dim"] = default_dim
     _write_json(tmp / "config_sentence_transformers.json", st_config)
+    described = {
+        "pooling": student.pooling,
+        "max_length": int(student.max_length),
+        "hidden_size": int(student.hidden_size),
+        "training_prompt": student.prompt,
+    }
+    for stray in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")):
+        stray.unlink()  # safetensors only
+    if layout == "per-dim" and len(dims) > 1:
+        whole = {"mode": mode, "dims": dims, "default_dim": default_dim}
+        for d in dims:
+            _write_dim_folder(
+                student, tmp, d, st_config, {**described, "dim_folder_of": whole, **(info or {})}
+            )
     _write_json(
         tmp / INFO_FILE,
         {
@@ -369,81 +372,46 @@ def _write_export(student, tmp: Path, default_dim: int, prompts: dict, default_p
             "dims": dims,
             "default_dim": default_dim,
             "full_dim": full,
-            "pooling": student.pooling,
-            "max_length": int(student.max_length),
-            "hidden_size": int(student.hidden_size),
-            "training_prompt": student.prompt,
+            **described,
             **(info or {}),
         },
     )
-    for stray in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")):
-        stray.unlink()  # safetensors only
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading an export at any offered dim
+# Files of the export's root that a dims/{d} folder has its own version of; all others it shares.
+OWN_FILES = ("modules.json", "config_sentence_transformers.json", INFO_FILE)
 
 
-@dataclass
-class Layout:
-    """What an exported folder offers: its output dims, prompts, pooling and length."""
-
-    mode: str  # heads | truncate | none
-    dims: list[int]  # offered dims, largest first
-    default_dim: int
-    full_dim: int
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    pooling: str = "mean"
-    max_length: int | None = None
-    source: str | None = None  # the run or checkpoint it was exported from (stella_distill.json)
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links: a copy costs space, not correctness
+        shutil.copy2(src, dst)
 
 
-def _read_object(path: Path) -> dict:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_layout(path: str | Path) -> Layout:
-    """Read what a sentence-transformers folder offers: ours, one with several ``2_Dense_{d}`` heads
-    (like the released Stella models), or any plain one (a single dim, from its Dense or Pooling)."""
-    path = Path(path)
-    modules_file = path / "modules.json"
-    modules = read_json(modules_file)
-    st_file = path / "config_sentence_transformers.json"
-    st_cfg = _read_object(st_file) if st_file.is_file() else {}
-    info = _read_object(path / INFO_FILE) if (path / INFO_FILE).is_file() else {}
-    dense = [m for m in modules if str(m.get("type", "")).endswith("Dense")]
-    pooling = [m for m in modules if str(m.get("type", "")).endswith("Pooling")]
-    if dense:
-        out_dim = int(_read_object(path / dense[-1]["path"] / "config.json")["out_features"])
-    elif pooling:
-        pool_cfg = _read_object(path / pooling[0]["path"] / "config.json")
-        out_dim = int(pool_cfg.get("word_embedding_dimension") or pool_cfg.get("embedding_dimension") or 0)
+def _write_dim_folder(student, root: Path, dim: int, st_config: dict, info: dict) -> None:
+    """``dims/{dim}/``: Transformer -> Pooling -> Dense(``dim``) -> Normalize, hard links to the root's
+    files but its own configs: any loader gets ``dim``-d vectors with nothing to set. The Dense is the
+    dim's own head (heads mode) or the first ``dim`` rows of the full one (truncate: the prefix)."""
+    sub = dim_folder(root, dim)
+    for f in root.iterdir():
+        if f.is_file() and f.name not in OWN_FILES:
+            _link(f, sub / f.name)
+    _link(root / "1_Pooling" / "config.json", sub / "1_Pooling" / "config.json")
+    dense = f"2_Dense_{dim}"
+    if (root / dense).is_dir():
+        for f in (root / dense).iterdir():
+            _link(f, sub / dense / f.name)
     else:
-        out_dim = 0
-    if out_dim <= 0:
-        raise UserError(f"{modules_file}: cannot tell the output dim (no Dense or Pooling module config)")
-    heads = sorted(
-        (int(p.name.rsplit("_", 1)[1]) for p in path.glob("2_Dense_*") if p.name.rsplit("_", 1)[1].isdigit()),
-        reverse=True,
+        _write_dense(sub / dense, student.projection, rows=dim)
+    _write_json(sub / "modules.json", _modules(dense))
+    _write_json(
+        sub / "config_sentence_transformers.json", {k: v for k, v in st_config.items() if k != "truncate_dim"}
     )
-    truncate_dim = st_cfg.get("truncate_dim")
-    mode = info.get("mrl_mode") or ("heads" if len(heads) > 1 else "truncate" if truncate_dim else "none")
-    full = int(info.get("full_dim") or (max(heads) if mode == "heads" else out_dim))
-    described = {
-        "prompts": st_cfg.get("prompts") or {},
-        "default_prompt_name": st_cfg.get("default_prompt_name"),
-        "pooling": info.get("pooling", "mean"),
-        "max_length": info.get("max_length"),
-        "source": info.get("source"),
-    }
-    if mode == "heads":
-        return Layout(mode, heads, out_dim, full, **described)
-    dims = sorted({int(d) for d in info.get("dims", [])} | {full}, reverse=True)
-    return Layout(mode, dims, int(truncate_dim) if truncate_dim else full, full, **described)
+    _write_json(
+        sub / INFO_FILE, {"mrl_mode": "none", "dims": [dim], "default_dim": dim, "full_dim": dim, **info}
+    )
 
 
 def write_card(
@@ -451,80 +419,57 @@ def write_card(
     *,
     cfg=None,
     run_dir: str | Path | None = None,
-    repo_id: str | None = None,
     source: str | None = None,
     license: str | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
     model_ref: str | None = None,
 ) -> Path:
-    """Write the model card (``README.md`` and its plots) of an export folder.
+    """Write the model card (``README.md``, plots) of an export folder and of its ``dims/{d}``.
 
-    Metrics come from ``run_dir/metrics.jsonl`` and the first ``eval.json`` found in ``folder`` or
-    ``run_dir``: call it again after ``evaluate`` to put the evaluation into the card. ``model_ref``
-    is what the card's snippets load (default: the Hub repo, else ``folder``).
-    """
+    With ``cfg``/``run_dir`` (at export) the card's facts are collected from the run and kept in the
+    folder's ``stella_distill.json``; later calls (``evaluate``, ``push``) rewrite it from the folder
+    alone. ``repo_id``/``revision`` name the Hub repo and branch its snippets load; ``model_ref`` what
+    they load otherwise (default: ``folder``)."""
     folder = Path(folder)
-    data = card.collect(
-        folder,
-        read_layout(folder),
-        cfg=cfg,
-        run_dir=Path(run_dir) if run_dir is not None else None,
-        repo_id=repo_id,
-        source=source,
-        license=license,
-        model_ref=model_ref,
-    )
+    rows = None
+    if cfg is not None or run_dir is not None:
+        rows = read_metrics(run_dir)
+        facts = card.collect_facts(cfg, Path(run_dir) if run_dir is not None else None, source, license)
+    else:
+        facts = card.load_facts(folder)
+    if repo_id is not None:
+        facts.update(repo_id=repo_id, revision=revision)
     try:
-        return card.write_model_card(folder, data)
+        if (folder / INFO_FILE).is_file():  # ours: the facts stay with the folder
+            card.save_facts(folder, facts)
+        data = card.card_data(folder, read_layout(folder), facts, model_ref=model_ref)
+        return card.write_model_card(folder, data, rows)
     except OSError as exc:
         raise UserError(f"{folder}: cannot write the model card ({write_failure(exc)})") from None
 
 
-def _local_folder(path: str | Path, revision: str | None = None) -> Path:
-    if Path(path).is_dir():
-        return Path(path)
-    if Path(path).exists() or str(path).count("/") != 1:
-        raise UserError(f"{path}: not an exported model folder (and not a Hub id org/name)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path), revision=revision))
-
-
-def set_dim(model, path: str | Path, dim: int, layout: Layout | None = None):
-    """Make a loaded export return ``dim``-d vectors: swap in ``2_Dense_{dim}`` (heads) or set ``truncate_dim``."""
-    path = Path(path)
-    layout = layout or read_layout(path)
-    dim = _check_dim(dim, layout.mode, layout.dims, layout.full_dim, f"{path}")
-    if layout.mode != "heads":
-        model.truncate_dim = dim if layout.mode == "truncate" else None
-        return model
-    index = next(i for i, m in enumerate(model) if type(m).__name__ == "Dense")
-    current = model[index]
-    if current.out_features == dim:
-        return model
-    head = type(current).load(str(path / f"2_Dense_{dim}"))
-    model[index] = head.to(device=current.linear.weight.device, dtype=current.linear.weight.dtype)
-    return model
-
-
-def load(path: str | Path, dim: int | None = None, **kwargs):
-    """Load an export as a ``SentenceTransformer`` at ``dim`` (default: the folder's default dim).
-
-    ``path`` is a folder or a Hub id. In ``heads`` mode the Dense module is the ``2_Dense_{dim}``
-    head; in ``truncate`` mode ``truncate_dim=dim``. Keyword arguments go to ``SentenceTransformer``.
-    A dim the folder does not offer raises ``UserError`` listing the offered dims.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    folder = _local_folder(path, kwargs.get("revision"))
-    layout = read_layout(folder)
-    if dim is not None:
-        _check_dim(dim, layout.mode, layout.dims, layout.full_dim, str(path))
-        if layout.mode == "truncate":
-            kwargs["truncate_dim"] = int(dim)
-    model = SentenceTransformer(str(folder), **kwargs)
-    if dim is not None and layout.mode == "heads":
-        set_dim(model, folder, dim, layout)
-    return model
+def push_export(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    create_pr: bool = False,
+    private: bool = False,
+    commit_message: str | None = None,
+    what: str = "--repo",
+) -> list[str]:
+    """``stella-distill push``: send an export folder to the Hub as it is, its card first made to name
+    the repo and branches (an export of ours), every ``dims/{d}`` to a branch of its own
+    (``push.push_folder``). Returns the commit or pull-request URLs."""
+    check_target(repo_id, revision, what)
+    folder = Path(folder)
+    if (folder / "modules.json").is_file() and is_export_root(folder):
+        write_card(folder, repo_id=repo_id, revision=revision)
+    return push_folder(
+        folder, repo_id, revision=revision, create_pr=create_pr, private=private,
+        commit_message=commit_message, what=what,
+    )  # fmt: skip
 
 
 def verify_export(
@@ -532,9 +477,11 @@ def verify_export(
 ) -> dict:
     """Load ``out`` with sentence-transformers and check it reproduces ``student`` at every offered dim.
 
-    Returns ``{dim: min cosine}``. A mismatch is a bug in the export, not a user mistake: it raises
+    Each ``dims/{d}`` folder is loaded on its own too. Returns ``{dim: min cosine}``. A mismatch is a bug in the export, not a user mistake: it raises
     ``RuntimeError``.
     """
+    from sentence_transformers import SentenceTransformer
+
     layout = read_layout(out)
     model = load(out, dim=layout.dims[0], device="cpu")
     worst = {}
@@ -550,54 +497,20 @@ def verify_export(
                 f"{out}: the exported model does not reproduce the student at dim {d} "
                 f"(shape {tuple(got.shape)}, min cosine {worst[d]:.6f})"
             )
-    return worst
-
-
-# ---------------------------------------------------------------------------------------------
-# Hub
-
-
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    private: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-) -> str:
-    """Upload ``folder`` to the Hub model repo ``repo_id`` (created if missing) as one commit.
-
-    The remote repo is made to mirror the folder (files it no longer has, such as a dropped head, are
-    deleted in the same commit). ``token`` defaults to ``HF_TOKEN`` or the Hub login cache, which
-    ``huggingface_hub`` finds by itself; it is never written anywhere. Returns the commit URL.
-    """
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if not (folder / "modules.json").is_file():
-        raise UserError(f"{folder}: not an export folder (no modules.json); nothing to push")
-    if not is_hub_id(repo_id):
-        raise UserError(f"--push-to-hub: {repo_id!r} is not a Hub repo id of the form org/name")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            repo_type="model",
-            commit_message=commit_message or f"Upload {folder.name} (stella-distill export)",
-            delete_patterns=["*"],
+    for d, sub in layout.dim_folders.items():  # loaded as any tool would: nothing set but the folder
+        got = SentenceTransformer(str(Path(out) / sub), device="cpu").encode(
+            list(texts), prompt=student.prompt or "", convert_to_tensor=True
         )
-    except (
-        Exception
-    ) as exc:  # HTTP errors, a lost connection (httpx), a refused token: the text holds no token
-        raise UserError(
-            f"--push-to-hub {repo_id}: {first_line(exc)[:300]}; the export at {folder} is complete and "
-            f"unchanged; push it again with `stella-distill export` and --push-to-hub {repo_id} once the Hub "
-            f"is reachable"
-        ) from None
-    url = getattr(info, "commit_url", None) or str(info)
-    logger.info(f"export: pushed {folder} to https://huggingface.co/{repo_id} ({url})")
-    return url
+        cosine = float(
+            torch.nn.functional.cosine_similarity(got.float().cpu(), student.encode(list(texts), dim=d)).min()
+        )
+        if got.shape[1] != d or not cosine >= min_cosine:
+            raise RuntimeError(
+                f"{out}/{sub}: the folder does not reproduce the student at dim {d} "
+                f"(shape {tuple(got.shape)}, min cosine {cosine:.6f})"
+            )
+        worst[d] = min(worst[d], cosine)
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,27 +527,30 @@ def export_run(
     verify: bool = True,
     license: str | None = None,
     push: bool = True,
+    layout: str | None = None,
     made_from: str | None = None,
 ) -> Path:
     """``stella-distill export``: write the sentence-transformers folder of a run (or one checkpoint).
 
     The default dim is ``dim`` (``--dim``), else the config's ``export.default_dim``, else the full
-    dim. Prompts come from ``export.prompts``. With ``verify`` the folder is loaded back with
-    sentence-transformers and must reproduce the student at every dim. ``repo_id`` (``--push-to-hub``,
-    else ``export.push_to_hub``) uploads the folder; ``private`` or ``export.private`` makes a new repo
-    private. ``push=False`` never uploads (a pipeline that evaluates first, rewrites the card with
-    ``write_card`` and then calls ``push_to_hub`` itself); the card still names the repo.
-    ``made_from`` (the pipeline's fingerprint of what the export is made from) is recorded in
-    ``stella_distill.json``.
+    dim. Prompts come from ``export.prompts``; ``layout`` (``--layout``, else ``export.layout``)
+    ``per-dim`` adds ``dims/{d}``. With ``verify`` the folder is loaded back with sentence-transformers
+    and must reproduce the student at every dim, before it replaces ``out``. ``repo_id``
+    (``--push-to-hub``, else ``export.push_to_hub``) uploads the folder (``push_export``); ``private``
+    or ``export.private`` makes a new repo private. ``push=False`` never uploads (a pipeline that
+    evaluates first, then calls ``push_export``); the card still names the repo. ``made_from`` (the
+    pipeline's fingerprint of what the export is made from) is recorded in ``stella_distill.json``.
     """
     out = Path(out)
     _check_out(out)
     source = find_source(run_dir)
     cfg = source.config
     ex = cfg.export if cfg is not None else None
+    repo_id = repo_id or (ex.push_to_hub if ex is not None else None)
+    if repo_id:
+        check_target(repo_id, None, "--push-to-hub")
     student = load_student(source)
     default_dim = dim if dim is not None else (ex.default_dim if ex is not None else None)
-    repo_id = repo_id or (ex.push_to_hub if ex is not None else None)
     info = {"source": source.label, "step": source.step}
     if cfg is not None:
         info["run"] = cfg.name
@@ -663,17 +579,21 @@ def export_run(
             info=info,
             default_dim_field="--dim" if dim is not None else "export.default_dim",
             before_publish=card_and_check,
+            layout=layout or (ex.layout if ex is not None else "per-dim"),
         )
-    layout = read_layout(out)
+    written = read_layout(out)
+    per_dim = f"; one folder per dim in {out}/dims" if written.dim_folders else ""
     logger.info(
-        f"export: wrote {out} from {source.label}; dims {layout.dims}, default {layout.default_dim} ({layout.mode})"
+        f"export: wrote {out} from {source.label}; dims {written.dims}, default {written.default_dim} "
+        f"({written.mode}){per_dim}"
     )
     if repo_id and push:
         run_name = cfg.name if cfg is not None else Path(run_dir).name
-        push_to_hub(
+        push_export(
             out,
             repo_id,
             private=private or bool(ex is not None and ex.private),
             commit_message=f"stella-distill export of run {run_name} ({source.label})",
+            what="--push-to-hub",
         )
     return out

@@ -149,3 +149,15 @@ def replace_folder(new: Path, target: Path, old: Path) -> None:
         os.replace(target, old)
         os.replace(new, target)
     fsync_dir(target.parent)
+
+
+def open_as_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir``/``open`` would (the umask's):
+    temp folders (``mkdtemp``: 0700) and some writers' files (safetensors: 0600) are private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

@@ -18,10 +18,11 @@ from accelerate import PartialState
 from stella_distill import run
 from stella_distill.config import ExperimentConfig, MRLConfig
 from stella_distill.distributed import leave_process_group, on_main
-from stella_distill.evalsets import read_beir
-from stella_distill.evaluate import evaluate_model, read_sts, sts_spearman
-from stella_distill.export import INFO_FILE, export_run, push_to_hub, write_card
+from stella_distill.evalsets import names, read_beir, read_sts
+from stella_distill.evaluate import evaluate_model, spearman_cosine
+from stella_distill.export import export_run, push_export, write_card
 from stella_distill.files import atomic_write
+from stella_distill.layout import INFO_FILE
 from stella_distill.logs import get_logger
 from stella_distill.metrics import trackers
 from stella_distill.precompute import TeacherEncoder, run_precompute
@@ -31,24 +32,16 @@ from stella_distill.train import train
 logger = get_logger(__name__)
 
 
-class _Lookup:
-    """Precomputed vectors behind the ``encode(texts, batch_size=...)`` that ``evaluate.sts_spearman`` calls."""
-
-    def __init__(self, texts: list[str], vectors: np.ndarray):
-        self.index = {t: i for i, t in enumerate(texts)}
-        self.vectors = vectors
-
-    def encode(self, texts, batch_size=None, **_):
-        return self.vectors[[self.index[t] for t in texts]]
-
-
 def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
     """STS Spearman before training: the cut student's plain pooled vector, each teacher, and the target
-    (normalised teacher vectors concatenated), so the README can show start, end and ceiling.
+    (normalised teacher vectors concatenated), so the card and report show start, end and ceiling.
 
-    Every model encodes the unique sentences of all files once; scoring is `evaluate.sts_spearman`.
+    Every model encodes the unique sentences of all files once; keys are eval.json's metric names
+    (``sts/<name>``), scores what ``EmbeddingSimilarityEvaluator`` reports (``evaluate.spearman_cosine``).
     """
-    texts = list(dict.fromkeys(t for path in sts_files for side in read_sts(path)[:2] for t in side))
+    pairs = {f"sts/{name}": read_sts(path) for name, path in zip(names(sts_files), sts_files)}
+    texts = list(dict.fromkeys(t for s1, s2, _ in pairs.values() for t in s1 + s2))
+    index = {t: i for i, t in enumerate(texts)}
     models: dict[str, np.ndarray] = {}
     torch.manual_seed(cfg.seed)
     # only the backbone's pooled vector is scored: no projection, no heads
@@ -65,8 +58,11 @@ def baseline_scores(cfg: ExperimentConfig, sts_files: list[str]) -> dict:
         normalised.append(v / np.linalg.norm(v, axis=1, keepdims=True))
     models["target"] = np.concatenate(normalised, axis=1)
     return {
-        Path(path).name: {name: sts_spearman(_Lookup(texts, v), path) for name, v in models.items()}
-        for path in sts_files
+        metric: {
+            name: spearman_cosine(v[[index[t] for t in s1]], v[[index[t] for t in s2]], scores)
+            for name, v in models.items()
+        }
+        for metric, (s1, s2, scores) in pairs.items()
     }
 
 
@@ -143,11 +139,12 @@ def _run_all(cfg: ExperimentConfig, run_dir: Path, state, t0: float) -> dict:
             made_from=eval_fp,
         )  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - t
-        # the model card shows the final metrics: write it again now that eval.json exists
+        # evaluate put its results into the card; the run's facts are collected again too, since the
+        # baseline may be newer than a fresh export. Then the folder goes up as it is now.
         write_card(export_dir, cfg=cfg, run_dir=run_dir, repo_id=cfg.export.push_to_hub)
         if cfg.export.push_to_hub:
-            push_to_hub(export_dir, cfg.export.push_to_hub, private=cfg.export.private,
-                        commit_message=f"stella-distill run {cfg.name}")  # fmt: skip
+            push_export(export_dir, cfg.export.push_to_hub, private=cfg.export.private,
+                        commit_message=f"stella-distill run {cfg.name}", what="export.push_to_hub")  # fmt: skip
         timings["total_s"] = time.perf_counter() - t0
         (run_dir / run.TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
     print_report(run_dir)

@@ -325,7 +325,7 @@ def run_precompute(cfg: ExperimentConfig) -> list[Path]:
     from accelerate import PartialState
 
     # A plain PartialState on a CPU machine under --multi_gpu gives N processes that each think
-    # they are alone (shared/NOTES.md); cpu=True makes them one gloo group.
+    # they are alone (measured with accelerate 1.15); cpu=True makes them one gloo group.
     state = PartialState(cpu=not torch.cuda.is_available())
     log = logger.info if state.is_main_process else _quiet
     log(

@@ -412,6 +412,20 @@ def last_eval_row(rows: list[dict]) -> dict:
     return {}
 
 
+def summarize_training(rows: list[dict]) -> dict:
+    """What the card shows of ``metrics.jsonl``: world size, last step and loss per stage, final eval."""
+    world = next((r["world_size"] for r in reversed(rows) if isinstance(r.get("world_size"), int)), None)
+    stages: dict[str, dict] = {}
+    for r in rows:
+        i = r.get("stage_index")
+        if isinstance(i, int) and isinstance(r.get("step"), int):
+            stage = stages.setdefault(str(i), {"last_step": 0, "last_loss": None})
+            stage["last_step"] = max(stage["last_step"], r["step"])
+            if isinstance(r.get("loss"), (int, float)):
+                stage["last_loss"] = r["loss"]
+    return {"world_size": world, "stages": stages, "final_eval": last_eval_row(rows)}
+
+
 def find_eval(*folders: Path | None) -> dict | None:
     """The first ``eval.json`` found in ``folders``."""
     for folder in folders:

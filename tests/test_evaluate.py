@@ -2,21 +2,27 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from sentence_transformers import SentenceTransformer
 from tiny import TEXTS
 
+import stella_distill
 from stella_distill import evalsets, evaluate, export
 from stella_distill.config import from_dict
 from stella_distill.errors import UserError
 from stella_distill.student import StudentModel
 
 
-def make_student(model: Path, target_dim: int, seed: int) -> StudentModel:
+def make_student(model: Path, target_dim: int, seed: int, mode: str = "heads") -> StudentModel:
     cfg = from_dict(
         {
             "name": "eval",
@@ -26,7 +32,7 @@ def make_student(model: Path, target_dim: int, seed: int) -> StudentModel:
             "student": {
                 "model": str(model),
                 "target_dim": target_dim,
-                "mrl": {"mode": "heads", "dims": [16, 8]},
+                "mrl": {"mode": mode, "dims": [16, 8]},
             },
         },
         resolve_models=False,  # the teacher is a placeholder: only the student is built
@@ -62,6 +68,10 @@ def write_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return s1, s2, scores
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def st_dense(folder: Path, dim: int):
@@ -191,7 +201,7 @@ def test_read_sts_compressed_and_one_split_of_several(tmp_path):
         evalsets.read_sts(f"{path}::validation")
     with pytest.raises(UserError, match=r"has no 'split' column"):
         evalsets.read_sts(f"{_write_formats(tmp_path)['tsv']}::test")
-    assert evaluate._names([f"{path}::test", "data/sts-dev.csv"]) == ["stsbenchmark:test", "sts-dev"]
+    assert evalsets.names([f"{path}::test", "data/sts-dev.csv"]) == ["stsbenchmark:test", "sts-dev"]
     broken = tmp_path / "broken.csv.gz"
     broken.write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match=r"broken\.csv\.gz: cannot decompress"):
@@ -238,7 +248,7 @@ def test_sts_equals_direct_sentence_transformers(exported, tmp_path, capsys):
     assert (tmp_path / "out" / "metrics_by_dim.png").read_bytes()[:4] == b"\x89PNG"
     assert "sts/sts-dev" in capsys.readouterr().out
     # the prompt is applied through sentence-transformers
-    prompted = evaluate.sts_spearman(export.load(folder), path, prompt_name="q")
+    prompted = evaluate.sts_spearman(stella_distill.load(folder), path, prompt_name="q")
     model = st_dense(folder, 16)
     a = model.encode(s1, prompt="query: ")
     b = model.encode(s2, prompt="query: ")
@@ -261,28 +271,15 @@ def test_plain_sentence_transformers_folder(tmp_path):
     assert result["dims"]["384"]["sts/sts"] == pytest.approx(direct, abs=1e-6)
 
 
-def test_ranking_metrics_hand_computed():
-    ranked = ["d3", "d1", "d7", "d2"]
-    rels = {"d1": 2, "d2": 1, "d9": 1, "d5": 0}
-    dcg = 2 / math.log2(3) + 1 / math.log2(5)  # d1 at rank 2, d2 at rank 4
-    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)  # ideal: 2, 1, 1
-    assert evaluate.ndcg_at_k(ranked, rels, 10) == pytest.approx(dcg / idcg)
-    assert evaluate.ndcg_at_k(ranked, rels, 10) == pytest.approx(0.5405858, abs=1e-6)
-    assert evaluate.ndcg_at_k(ranked, rels, 1) == 0.0
-    assert evaluate.recall_at_k(ranked, rels, 100) == pytest.approx(2 / 3)
-    assert evaluate.recall_at_k(ranked, rels, 2) == pytest.approx(1 / 3)
-
-
-def test_rank_documents_matches_argsort():
-    rng = np.random.default_rng(1)
-    q, d = rng.normal(size=(7, 5)), rng.normal(size=(23, 5))
-    exclude = [None, 4, None, 22, 0, None, None]
-    got = evaluate.rank_documents(q, d, 10, exclude, query_block=3, doc_block=5)
-    scores = q @ d.T
-    for i, e in enumerate(exclude):
-        if e is not None:
-            scores[i, e] = -np.inf
-    np.testing.assert_array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :10])
+def test_spearman_cosine_of_vectors_equals_the_evaluator(exported, tmp_path):
+    """baseline.json's scores (vectors computed elsewhere) are the evaluator's number on the same vectors."""
+    folder, _ = exported
+    s1, s2, scores = write_sts(tmp_path / "sts.csv")
+    model = st_dense(folder, 8)
+    a, b = model.encode(s1), model.encode(s2)
+    assert evaluate.spearman_cosine(a, b, scores) == pytest.approx(
+        evaluate.sts_spearman(model, (s1, s2, scores)), abs=1e-9
+    )
 
 
 def write_beir(folder: Path) -> dict:
@@ -304,6 +301,21 @@ def write_beir(folder: Path) -> dict:
     return {"docs": docs, "queries": queries, "qrels": qrels}
 
 
+def naive_retrieval(q: np.ndarray, d: np.ndarray, doc_ids: list[str], relevant: list[set]) -> dict:
+    """nDCG@10 (binary gain), MRR@10, MAP@100 (AP over min(100, #relevant)), recall@100, x100, by hand."""
+    out = {"ndcg@10": [], "mrr@10": [], "map@100": [], "recall@100": []}
+    for qv, rel in zip(q, relevant):
+        order = [doc_ids[i] for i in np.argsort(-(d @ qv), kind="stable")]
+        hits = [doc in rel for doc in order]
+        dcg = sum(1 / math.log2(i + 2) for i, h in enumerate(hits[:10]) if h)
+        out["ndcg@10"].append(dcg / sum(1 / math.log2(i + 2) for i in range(min(10, len(rel)))))
+        out["mrr@10"].append(next((1 / (i + 1) for i, h in enumerate(hits[:10]) if h), 0.0))
+        precisions = [sum(hits[: i + 1]) / (i + 1) for i, h in enumerate(hits[:100]) if h]
+        out["map@100"].append(sum(precisions) / min(100, len(rel)))
+        out["recall@100"].append(sum(hits[:100]) / len(rel))
+    return {k: 100 * float(np.mean(v)) for k, v in out.items()}
+
+
 def test_retrieval_equals_naive(exported, tmp_path):
     folder, _ = exported
     data = write_beir(tmp_path / "tiny-beir")
@@ -312,20 +324,81 @@ def test_retrieval_equals_naive(exported, tmp_path):
     model = st_dense(folder, 16)
     doc_ids = list(data["docs"])
     doc_texts = [(title + " " + text) if title else text for title, text in data["docs"].values()]
-    d = model.encode(doc_texts, normalize_embeddings=True)
-    ndcgs, recalls = [], []
-    for qid, rels in data["qrels"].items():  # q4 has no relevant document: not scored
-        q = model.encode([data["queries"][qid]], normalize_embeddings=True)[0]
-        order = [doc_ids[i] for i in np.argsort(-(d @ q))]
-        gains = [rels.get(doc, 0) for doc in order[:10]]
-        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
-        ideal = sorted(rels.values(), reverse=True)
-        ndcgs.append(dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal)))
-        recalls.append(len(set(order[:100]) & set(rels)) / len(rels))
-    got = result["dims"]["16"]
-    assert got["retrieval/tiny-beir/ndcg@10"] == pytest.approx(100 * np.mean(ndcgs), abs=1e-9)
-    assert got["retrieval/tiny-beir/recall@100"] == pytest.approx(100.0)  # 20 documents: all retrieved
-    assert got["retrieval/tiny-beir/ndcg@10"] < 100
+    qids = list(data["qrels"])  # q4 has no relevant document: not scored
+    want = naive_retrieval(
+        model.encode([data["queries"][q] for q in qids], normalize_embeddings=True),
+        model.encode(doc_texts, normalize_embeddings=True),
+        doc_ids,
+        [set(data["qrels"][q]) for q in qids],  # every judgment above 0 is relevant (binary gain)
+    )
+    got = {k.rsplit("/", 1)[1]: v for k, v in result["dims"]["16"].items()}
+    assert got == pytest.approx(want, abs=1e-6)
+    assert got["recall@100"] == pytest.approx(100.0) and got["ndcg@10"] < 100  # 20 documents: all retrieved
+
+
+def test_truncate_export_is_scored_through_the_evaluators_truncate_dim(tiny_bert, tmp_path):
+    student = make_student(tiny_bert, 24, seed=7, mode="truncate")
+    folder = export.export_student(student, tmp_path / "model", default_dim=16)
+    s1, s2, scores = write_sts(tmp_path / "sts.csv")
+    data = write_beir(tmp_path / "beir")
+    result = evaluate.evaluate_model(
+        folder, dims=[24, 12], sts=[str(tmp_path / "sts.csv")], retrieval=[str(tmp_path / "beir")]
+    )
+    full = SentenceTransformer(str(folder), truncate_dim=None)
+    full.truncate_dim = None
+    for dim in (24, 12):  # 12 is no offered dim: any prefix of a truncate export is an embedding
+        a, b = full.encode(s1)[:, :dim], full.encode(s2)[:, :dim]
+        assert result["dims"][str(dim)]["sts/sts"] == pytest.approx(
+            evaluate.spearman_cosine(a, b, scores), abs=1e-6
+        )
+        doc_texts = [(title + " " + text) if title else text for title, text in data["docs"].values()]
+        qids = list(data["qrels"])
+        want = naive_retrieval(
+            normalize(full.encode([data["queries"][q] for q in qids])[:, :dim]),
+            normalize(full.encode(doc_texts)[:, :dim]),
+            list(data["docs"]),
+            [set(data["qrels"][q]) for q in qids],
+        )
+        got = {
+            k.rsplit("/", 1)[1]: v for k, v in result["dims"][str(dim)].items() if k.startswith("retrieval/")
+        }
+        assert got == pytest.approx(want, abs=1e-6), dim
+    assert result["dims"]["24"] != result["dims"]["12"]
+
+
+SUBPROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    folders, s1, s2, scores = json.loads(sys.argv[1])
+    out = {}
+    for dim, folder in folders.items():
+        model = SentenceTransformer(folder)
+        a, b = model.encode(s1), model.encode(s2)
+        out[dim] = 100 * spearmanr(np.sum(a * b, axis=1), scores).statistic
+    assert "stella_distill" not in sys.modules
+    print(json.dumps(out))
+    """
+)
+
+
+def test_eval_json_is_what_plain_sentence_transformers_gets_from_each_dim_folder(exported, tmp_path):
+    folder, _ = exported
+    s1, s2, scores = write_sts(tmp_path / "sts.csv")
+    result = evaluate.evaluate_model(folder, sts=[str(tmp_path / "sts.csv")], out_dir=tmp_path / "out")
+    folders = {d: str(folder / "dims" / d) for d in ("24", "16", "8")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS, json.dumps([folders, s1, s2, scores])],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    for d in folders:
+        assert result["dims"][d]["sts/sts"] == pytest.approx(plain[d], abs=1e-6), d
 
 
 def test_beir_errors(tmp_path):
@@ -429,7 +502,7 @@ def test_cli_prompt_names_reach_the_encoder_and_unknown_ones_are_refused(exporte
     args = ["evaluate", str(folder), "--sts", str(path), "--dims", "16", "--out", str(tmp_path / "o")]
     assert main([*args, "--sts-prompt-name", "q"]) == 0
     prompted = json.loads((tmp_path / "o" / "eval.json").read_text())["dims"]["16"]["sts/sts"]
-    want = evaluate.sts_spearman(export.load(folder, dim=16), path, prompt_name="q")
+    want = evaluate.sts_spearman(stella_distill.load(folder, dim=16), path, prompt_name="q")
     assert prompted == pytest.approx(want, abs=1e-9)
     assert main(args) == 0
     plain = json.loads((tmp_path / "o" / "eval.json").read_text())["dims"]["16"]["sts/sts"]

@@ -1,17 +1,17 @@
 """Export: sentence-transformers folders that load without stella_distill and reproduce the student."""
 
+import copy
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from exports import PROBE, S2P, S2S, build_student, files_of, make_runs, write_run
 from safetensors.torch import load_file
 
 from stella_distill import export
@@ -19,99 +19,11 @@ from stella_distill.config import from_dict
 from stella_distill.errors import UserError
 from stella_distill.pooling import with_prompt
 from stella_distill.run import find_source
-from stella_distill.student import StudentModel
-
-S2P = "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: "
-S2S = "Instruct: Retrieve semantically similar text.\nQuery: "
-PROBE = [
-    "the cat sat on the house",
-    "a small red car on the road and a dog runs in the city at night",
-    "war",
-    "birds fly over the green tree",
-]
-EVAL_JSON = {
-    "dims": {"24": {"sts/sts-dev": 71.234, "fidelity/cosine": 0.8123}, "16": {"sts/sts-dev": 69.876}}
-}
-
-
-def config_dict(run_dir: Path, model: Path, teacher: Path, pooling: str, mode: str, **export_cfg) -> dict:
-    return {
-        "name": f"tiny-{mode}-{pooling}",
-        "output_dir": str(run_dir),
-        "cache_dir": str(run_dir / "cache"),
-        "data": {"train": [{"path": "HuggingFaceFW/fineweb-edu", "limit": 1000}], "max_length": 64},
-        "teachers": [
-            {"name": "big", "model": str(teacher), "pooling": "cls"},
-            {"name": "other", "model": str(teacher), "pooling": "last_token", "prompt": "Query: "},
-        ],
-        "student": {
-            "model": str(model),
-            "pooling": pooling,
-            "target_dim": 24,
-            "mrl": {"mode": mode, "dims": [16, 8]},
-        },
-        "stages": [
-            {"name": "head", "trainable": "head", "steps": 3, "batch_size": 4, "lr": 1e-3},
-            {"name": "all", "trainable": "all", "steps": 2, "batch_size": 4, "lr": 5e-4, "mrl": True},
-        ],
-        "export": {"prompts": {"s2p_query": S2P, "s2s_query": S2S}, **export_cfg},
-    }
-
-
-def build_student(cfg, seed: int) -> StudentModel:
-    """A student whose heads are random and whose backbone moved away from the pristine weights.
-
-    ``cfg`` is read with ``resolve_models=False``: its teachers are placeholders (no cache is built), so
-    its target_dim is not the teachers' dims."""
-    torch.manual_seed(seed)
-    student = StudentModel.from_config(cfg.student, target_dim=24, max_length=cfg.data.max_length)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return student.eval()
-
-
-def write_run(run_dir: Path, raw: dict, student: StudentModel | None, *, final: bool = True) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
-    rows = [
-        {"stage": "head", "stage_index": 0, "step": s, "loss": 5.0 / s, "lr": 1e-3, "world_size": 2}
-        for s in (1, 2, 3)
-    ]
-    rows.append({"stage": "head", "stage_index": 0, "step": 3, "eval/cosine": 0.5, "world_size": 2})
-    rows += [{"stage": "all", "stage_index": 1, "step": s, "loss": 4.0 / s, "world_size": 2} for s in (4, 5)]
-    rows.append(
-        {"stage": "all", "stage_index": 1, "step": 5, "eval/cosine": 0.8765, "eval/similarity_mse@8": 0.0123}
-    )
-    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
-    (run_dir / "eval.json").write_text(json.dumps(EVAL_JSON))
-    if final:
-        student.save_pretrained(run_dir / "final" / "student")
-        (run_dir / "final" / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert, tiny_qwen2, tiny_bert4):
-    """Three exported runs: BERT heads (mean), BERT truncate (cls), Qwen2 heads (last token, left padding)."""
-    root = tmp_path_factory.mktemp("export")
-    specs = {
-        "heads": (tiny_bert, "mean", "heads", {"default_dim": 16}),
-        "truncate": (tiny_bert, "cls", "truncate", {"default_dim": 16}),
-        "qwen": (tiny_qwen2, "last_token", "heads", {"default_prompt_name": "s2s_query"}),
-    }
-    out = {}
-    for i, (key, (model, pooling, mode, extra)) in enumerate(specs.items()):
-        run_dir = root / f"run-{key}"
-        raw = config_dict(run_dir, model, tiny_bert4, pooling, mode, **extra)
-        student = build_student(from_dict(raw, resolve_models=False), seed=i)
-        write_run(run_dir, raw, student)
-        folder = export.export_run(run_dir, root / f"export-{key}")
-        out[key] = {"run": run_dir, "dir": folder, "student": student, "raw": raw}
-    return out
-
-
-def files_of(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    return make_runs(tmp_path_factory, tiny_bert, tiny_qwen2, tiny_bert4)
 
 
 def test_heads_folder_layout(runs):
@@ -151,6 +63,45 @@ def test_heads_folder_layout(runs):
     assert not folder.with_name(folder.name + ".tmp").exists()
 
 
+def test_dim_folders_share_the_backbone_and_hold_one_head(runs):
+    """dims/{d}: a plain sentence-transformers folder per dim; backbone files are hard links."""
+    for key in ("heads", "truncate"):
+        folder, student = runs[key]["dir"], runs[key]["student"]
+        assert sorted(p.name for p in (folder / "dims").iterdir()) == ["16", "24", "8"]
+        for d in (24, 16, 8):
+            sub = folder / "dims" / str(d)
+            assert json.loads((sub / "modules.json").read_text())[2]["path"] == f"2_Dense_{d}"
+            assert [p.name for p in sub.glob("2_Dense_*")] == [f"2_Dense_{d}"]
+            st = json.loads((sub / "config_sentence_transformers.json").read_text())
+            assert "truncate_dim" not in st and st["prompts"] == {"s2p_query": S2P, "s2s_query": S2S}
+            for name in ("model.safetensors", "tokenizer.json", "config.json", "1_Pooling/config.json"):
+                assert (sub / name).stat().st_ino == (folder / name).stat().st_ino, (key, d, name)
+            weights = load_file(str(sub / f"2_Dense_{d}" / "model.safetensors"))
+            if key == "heads":  # the dim's own head
+                linear = student.projection if d == 24 else student.mrl_heads[str(d)]
+                want_w, want_b = linear.weight.detach(), linear.bias.detach()
+            else:  # the first d rows of the full head: the Matryoshka prefix before normalisation
+                want_w, want_b = student.projection.weight.detach()[:d], student.projection.bias.detach()[:d]
+            torch.testing.assert_close(weights["linear.weight"], want_w, rtol=0, atol=0)
+            torch.testing.assert_close(weights["linear.bias"], want_b, rtol=0, atol=0)
+            info = json.loads((sub / "stella_distill.json").read_text())
+            assert info["dims"] == [d] and info["dim_folder_of"]["dims"] == [24, 16, 8]
+    assert sorted(p.name for p in (runs["qwen"]["dir"] / "dims").iterdir()) == ["16", "24", "8"]
+
+
+def test_single_layout_and_one_dim_students_write_no_dim_folders(runs, tmp_path):
+    out = export.export_run(runs["heads"]["run"], tmp_path / "single", layout="single", verify=False)
+    assert not (out / "dims").exists() and (out / "2_Dense_8").is_dir()
+    run_dir = tmp_path / "run-none"
+    raw = copy.deepcopy(runs["heads"]["raw"]) | {"output_dir": str(run_dir)}
+    raw["student"]["mrl"] = {"mode": "none"}
+    raw["stages"][1]["mrl"] = False
+    del raw["export"]["default_dim"]
+    write_run(run_dir, raw, build_student(from_dict(raw, resolve_models=False), seed=4))
+    out = export.export_run(run_dir, tmp_path / "none")
+    assert not (out / "dims").exists()
+
+
 def test_truncate_and_qwen_layout(runs):
     folder = runs["truncate"]["dir"]
     modules = json.loads((folder / "modules.json").read_text())
@@ -180,7 +131,9 @@ SUBPROCESS = textwrap.dedent(
     jobs, texts, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     result, sides = {}, {}
     for key, folder, dim, mode, prompt_name in jobs:
-        if mode == "truncate":
+        if mode == "folder":  # a dims/{d} folder: nothing to set, as any tool loads it
+            model = SentenceTransformer(folder)
+        elif mode == "truncate":
             model = SentenceTransformer(folder, truncate_dim=dim)
         else:
             model = SentenceTransformer(folder)
@@ -207,10 +160,15 @@ def test_plain_sentence_transformers_reproduces_student(runs, tmp_path):
                 jobs.append([name, str(run["dir"]), dim, mode, prompt_name])
                 prompt = {"s2p_query": S2P, None: {"s2s_query": S2S}.get(default_prompt, "")}[prompt_name]
                 expected[name] = run["student"].encode(with_prompt(PROBE, prompt), dim=dim)
+            for prompt_name in (None, "s2p_query"):
+                name = f"{key}-folder-{dim}-{prompt_name}"
+                jobs.append([name, str(run["dir"] / "dims" / str(dim)), dim, "folder", prompt_name])
+                expected[name] = expected[f"{key}-{dim}-{prompt_name}"]
         jobs.append([f"{key}-default", str(run["dir"]), None, mode, None])
         default_dim = run["raw"]["export"].get("default_dim", 24)
         prompt = {"s2s_query": S2S}.get(default_prompt, "")
         expected[f"{key}-default"] = run["student"].encode(with_prompt(PROBE, prompt), dim=default_dim)
+    jobs.append(["heads-cut-8", str(runs["heads"]["dir"]), 8, "truncate", None])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
@@ -231,6 +189,10 @@ def test_plain_sentence_transformers_reproduces_student(runs, tmp_path):
         assert cos.min() >= 0.9999, (name, cos)
     # a prompt changes the vectors, so the check above is not vacuous
     assert not np.allclose(got["heads-16-None"], got["heads-16-s2p_query"], atol=1e-3)
+    # why dims/{d} exists: truncate_dim on a heads export silently gives another space than the dim's head
+    want = runs["heads"]["student"].encode(PROBE, dim=8)
+    cut = torch.from_numpy(got["heads-cut-8"])
+    assert cut.shape == want.shape and torch.nn.functional.cosine_similarity(cut, want).min() < 0.9
 
 
 def test_load_helper_every_dim(runs):
@@ -253,122 +215,6 @@ def test_load_helper_every_dim(runs):
     want = runs["truncate"]["student"].encode(PROBE)[:, :12]
     cos = torch.nn.functional.cosine_similarity(model.encode(PROBE, convert_to_tensor=True), want)
     assert cos.min() >= 0.9999
-
-
-def test_model_card(runs):
-    folder = runs["heads"]["dir"]
-    card = (folder / "README.md").read_text()
-    header = yaml.safe_load(card.split("---\n")[1])
-    assert header["library_name"] == "sentence-transformers"
-    assert header["pipeline_tag"] == "sentence-similarity"
-    assert header["datasets"] == ["HuggingFaceFW/fineweb-edu"]
-    assert "base_model" not in header  # the student backbone is a local folder, not a Hub id
-    for needle in (
-        "71.23",  # eval.json, dim 24
-        "69.88",  # eval.json, dim 16
-        "0.8123",
-        "0.8765",  # last eval row of metrics.jsonl
-        "eval/similarity_mse@8",
-        "| head | head | 3 | 0.001 | 4 x 2 proc = 8 | 10 / 200 / 20 | - |",
-        "| all | all | 2 | 0.0005 | 4 x 2 proc = 8 | 10 / 200 / 20 | 200 / 20 |",
-        "| big |",
-        "`Query: `",
-        "HuggingFaceFW/fineweb-edu",
-        'prompt_name="s2p_query"',
-        "stella_distill.load(",
-        "dim=24)",
-        "![training loss](loss_curve.png)",
-        "![metrics by output dim](metrics_by_dim.png)",
-        "eprint        = {2412.19048}",
-    ):
-        assert needle in card, needle
-    for png in ("loss_curve.png", "metrics_by_dim.png"):
-        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    truncate_card = (runs["truncate"]["dir"] / "README.md").read_text()
-    assert "truncate_dim=24)" in truncate_card  # the other-dim snippet names a non-default dim
-    assert "embeddings = embeddings[:, :16]" in truncate_card  # the default dim is a prefix of the Dense
-
-
-@pytest.mark.parametrize("key", ["heads", "truncate", "qwen"])
-def test_card_transformers_snippet_runs(runs, key):
-    """The card's plain-transformers snippet (manual pooling + Dense weights) reproduces the default dim."""
-    card = (runs[key]["dir"] / "README.md").read_text()
-    block = re.search(r"### transformers only\n\n```python\n(.*?)```", card, re.S).group(1)
-    scope: dict = {}
-    exec(
-        block.replace(
-            'texts = ["What is distillation?", "A small model imitates a large one."]', f"texts = {PROBE!r}"
-        ),
-        scope,
-    )
-    default_dim = runs[key]["raw"]["export"].get("default_dim", 24)
-    want = runs[key]["student"].encode(PROBE, dim=default_dim)
-    cos = torch.nn.functional.cosine_similarity(scope["embeddings"], want)
-    assert cos.min() >= 0.9999
-
-
-def test_push_uploads_exactly_the_folder(runs, tmp_path, monkeypatch):
-    """Only the network boundary is stubbed: HfApi.create_repo and HfApi.upload_folder."""
-    from huggingface_hub import HfApi
-
-    calls = []
-
-    def create_repo(self, repo_id, **kw):
-        calls.append(("create_repo", self.token, repo_id, kw))
-
-    def upload_folder(self, *, folder_path, repo_id, **kw):
-        calls.append(
-            ("upload_folder", self.token, repo_id, Path(folder_path), sorted(files_of(Path(folder_path))), kw)
-        )
-        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    monkeypatch.setenv("HF_TOKEN", "hf_SENTINEL_never_written")
-    run = runs["heads"]
-    out = export.export_run(
-        run["run"], tmp_path / "pushed", repo_id="someone/tiny-heads", private=True, verify=False
-    )
-    (_, token1, repo1, create_kw), (_, token2, repo2, folder, files, kw) = calls
-    assert token1 is None and token2 is None  # left to huggingface_hub: HF_TOKEN or the login cache
-    assert repo1 == repo2 == "someone/tiny-heads"
-    assert create_kw == {"repo_type": "model", "private": True, "exist_ok": True}
-    assert folder == out
-    assert "allow_patterns" not in kw and "ignore_patterns" not in kw and kw["delete_patterns"] == ["*"]
-    assert kw["repo_type"] == "model"
-    assert kw["commit_message"] == f"stella-distill export of run {run['raw']['name']} (final (step 5))"
-    assert files == sorted(
-        [
-            "1_Pooling/config.json",
-            "2_Dense_16/config.json",
-            "2_Dense_16/model.safetensors",
-            "2_Dense_24/config.json",
-            "2_Dense_24/model.safetensors",
-            "2_Dense_8/config.json",
-            "2_Dense_8/model.safetensors",
-            "README.md",
-            "config.json",
-            "config_sentence_transformers.json",
-            "loss_curve.png",
-            "metrics_by_dim.png",
-            "model.safetensors",
-            "modules.json",
-            "sentence_bert_config.json",
-            "stella_distill.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ]
-    )
-    for f in files:
-        assert b"hf_SENTINEL" not in (out / f).read_bytes()
-    assert 'snapshot_download("someone/tiny-heads")' in (out / "README.md").read_text()
-    calls.clear()
-    export.export_run(
-        run["run"], tmp_path / "not-pushed", repo_id="someone/tiny-heads", push=False, verify=False
-    )
-    assert calls == []
-    with pytest.raises(UserError, match="org/name"):
-        export.push_to_hub(out, "not a repo")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

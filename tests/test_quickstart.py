@@ -89,10 +89,12 @@ def test_short_quickstart_end_to_end(tmp_path, seeded_env):
 
     results = json.loads((run / "eval.json").read_text())
     assert {int(d) for d in results["dims"]} == {1152, 384, 256, 128, 64}
-    baseline = json.loads((run / "baseline.json").read_text())["sts-small.csv"]
+    baseline = json.loads((run / "baseline.json").read_text())["sts/sts-small"]  # eval.json's metric name
     assert set(baseline) == {"student_start", "teacher:mpnet", "teacher:minilm", "target"}
     assert baseline["teacher:mpnet"] > 70  # the real model, really loaded
-    assert "## " in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert "## " in card and "model-index:" in card  # evaluate put its results into the card
+    assert sorted(p.name for p in (export / "dims").iterdir()) == ["1152", "128", "256", "384", "64"]
 
     # a second run finds everything done and only reports
     again = _run(["run", "configs/quickstart.yaml", *overrides], seeded_env, ROOT)
