@@ -35,6 +35,9 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -
 
 
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# cache_dir/<teacher.name> is a teacher's cache; this name is the corpus table's (data.py), not a teacher's
+CORPUS_FOLDER = "corpus"
+
 Pooling = Literal["cls", "mean", "last_token"]
 Tracker = Literal[
     "wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
@@ -57,8 +60,14 @@ class SourceConfig:
     )
     subset: str | None = _f(None, doc="dataset configuration name (Hugging Face datasets only)")
     limit: int | None = _f(None, doc="take at most this many texts from this source")
-    streaming: bool = _f(
-        False, doc="Hub datasets: stream rows instead of downloading the whole split (needs the network)"
+    revision: str | None = _f(
+        None,
+        doc="Hub datasets: branch, tag or commit (the commit it resolves to is recorded with the corpus)",
+    )
+    streaming: bool | None = _f(
+        None,
+        doc="Hub datasets: stream rows instead of downloading the whole split; null: stream when a limit "
+        "(this source's or data.limit) caps what is read",
     )
     quoting: Literal["auto", "csv", "none"] = _f(
         "auto",
@@ -86,7 +95,7 @@ class DataConfig:
 class TeacherConfig:
     """One teacher model whose vectors become part of the target."""
 
-    name: str = _f(doc="short unique name; the cache folder is cache_dir/<name>")
+    name: str = _f(doc="short unique name; its cache folder is cache_dir/<name> ('corpus' is taken)")
     model: str = _f(doc="Hugging Face model id or local path")
     revision: str | None = _f(None, doc="model revision (branch, tag or commit) for Hub ids")
     pooling: Pooling | None = _f(
@@ -346,6 +355,10 @@ def _check_folders(cfg: ExperimentConfig) -> None:
             f"cache_dir: is output_dir ({cfg.output_dir}); the run folder (checkpoints, final, export) and the "
             f"teacher caches need folders of their own"
         )
+    if _inside(run_dir, cache_dir / CORPUS_FOLDER):
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir} lies inside cache_dir/{CORPUS_FOLDER}, the corpus table's folder"
+        )
     for i, t in enumerate(cfg.teachers):
         folder = cache_dir / t.name
         if _inside(run_dir, folder):
@@ -399,6 +412,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if t.name in seen:
             raise ConfigError(
                 f"teachers.{i}.name: duplicate teacher name {t.name!r} (also teachers.{seen[t.name]})"
+            )
+        if t.name == CORPUS_FOLDER:
+            raise ConfigError(
+                f"teachers.{i}.name: {t.name!r} is reserved: cache_dir/{CORPUS_FOLDER} holds the corpus table"
             )
         seen[t.name] = i
         _path(t.model, f"teachers.{i}.model")

@@ -249,7 +249,7 @@ def fidelity_inputs(
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     if cache_dir is not None:
         cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, cache_dir=cfg.cache_dir)
     caches = open_caches(cfg, corpus)
     if rows is None:
         valid = np.logical_and.reduce([np.asarray(c.valid_mask, dtype=bool) for c in caches])
@@ -261,7 +261,7 @@ def fidelity_inputs(
     if len(rows) < 2:
         raise UserError(f"{cfg.cache_dir}: fewer than 2 rows to measure teacher fidelity on")
     target = build_target(caches, rows)
-    texts = [corpus.texts[i] for i in rows]
+    texts = corpus.texts[rows]
     prompt = cfg.student.prompt if cfg.student is not None else ""
     return texts, target, prompt, {"rows": len(rows), "heldout": heldout}
 

@@ -332,7 +332,7 @@ def run_precompute(cfg: ExperimentConfig) -> list[Path]:
         f"precompute: world_size={state.num_processes} rank={state.process_index} "
         f"({state.distributed_type}), device {state.device}"
     )
-    corpus = load_corpus(cfg.data, log=log)
+    corpus = load_corpus(cfg.data, log=log, cache_dir=cfg.cache_dir)
     return [
         _precompute_teacher(cfg, i, teacher, corpus, state, log) for i, teacher in enumerate(cfg.teachers)
     ]

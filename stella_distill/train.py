@@ -190,8 +190,9 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
             dump_config(cfg, run_dir / run.CONFIG_FILE)
 
     # ---- data: corpus, caches (checked against config and corpus), rows, lengths
+    quiet = not accelerator.is_main_process
     corpus: Corpus = load_corpus(
-        cfg.data, log=logger.info if accelerator.is_main_process else (lambda *a: None)
+        cfg.data, log=(lambda *a: None) if quiet else logger.info, cache_dir=cfg.cache_dir
     )
     caches: list[TeacherCache] = open_caches(cfg, corpus)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
@@ -202,7 +203,7 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
             f"data: no valid training rows: every row is held out or listed in a cache's invalid_rows "
             f"(non-finite teacher vectors; {bad})"
         )
-    lengths = np.fromiter((len(t) for t in corpus.texts), dtype=np.int64, count=len(corpus.texts))
+    lengths = corpus.lengths  # characters per text, from the table (no text is read)
     target_dim = sum(c.dim for c in caches)  # student.target_dim agrees: preflight checked it
 
     # ---- student and resume point
@@ -315,7 +316,7 @@ def run_stage(
         for micro in range(stage.grad_accumulation):
             rows = next(batches)
             local = rows[rank * stage.batch_size : (rank + 1) * stage.batch_size]
-            features = student.tokenize([corpus.texts[i] for i in local])
+            features = student.tokenize(corpus.texts[local])
             mask = features.get("attention_mask")  # CPU tensors: counting costs no device sync
             window.tokens += int(mask.sum() if mask is not None else features["input_ids"].numel()) * world
             features = {k: to_device(v, accelerator.device) for k, v in features.items()}
@@ -560,7 +561,7 @@ def evaluate_fidelity(
     with torch.no_grad():
         for i in range(0, len(eval_rows), 64):
             rows = eval_rows[i : i + 64]
-            texts = [corpus.texts[r] for r in rows]
+            texts = corpus.texts[rows]
             features = {k: v.to(accelerator.device) for k, v in student.tokenize(texts).items()}
             for d, v in student.by_dim(model(**features, mrl=True)).items():
                 outs.setdefault(d, []).append(v.float().cpu())

@@ -16,13 +16,17 @@ from stella_distill.errors import UserError
 from stella_distill.fingerprints import corpus_fingerprint, text_hashes
 
 
-def _corpus(*sources: dict, log=None, **data) -> Corpus:
+def _corpus(*sources: dict, log=None, cache_dir=None, **data) -> Corpus:
     cfg = DataConfig(train=[SourceConfig(**s) for s in sources], **data)
     lines: list[str] = []
-    corpus = load_corpus(cfg, log=lines.append)
+    corpus = load_corpus(cfg, log=lines.append, cache_dir=cache_dir)
     if log is not None:
         log.extend(lines)
     return corpus
+
+
+def _texts(*sources: dict, **data) -> list[str]:
+    return list(_corpus(*sources, **data).texts)
 
 
 def _write(path: Path, text: str | bytes) -> str:
@@ -66,7 +70,7 @@ def test_every_format_reads_the_same_texts(tmp_path):
         (str(tmp_path / "c.csv"), "body"),
     ]:
         corpus = _corpus({"path": path, "text_field": field})
-        assert corpus.texts == want, path
+        assert list(corpus.texts) == want, path
         assert corpus.fingerprint == corpus_fingerprint(text_hashes(want))
 
 
@@ -86,14 +90,14 @@ def test_compressed_text_formats_read_like_the_plain_files(tmp_path):
     }  # fmt: skip
     for name, (data, field) in files.items():
         path = _write(tmp_path / name, data)
-        assert _corpus({"path": path, "text_field": field}).texts == want, name
+        assert _texts({"path": path, "text_field": field}) == want, name
     # a folder picks compressed files up too, in name order
     folder = tmp_path / "folder"
     folder.mkdir()
     _write(folder / "a.txt.gz", gzip.compress(b"one\ntwo\n"))
     _write(folder / "b.txt", "three\n")
     _write(folder / "notes.gz", gzip.compress(b"no inner format: not a data file\n"))
-    assert _corpus({"path": str(folder)}).texts == ["one", "two", "three"]
+    assert _texts({"path": str(folder)}) == ["one", "two", "three"]
 
     truncated = _write(tmp_path / "cut.jsonl.gz", gzip.compress(jsonl * 50)[:-30])
     with pytest.raises(UserError, match=r"cut\.jsonl\.gz: cannot decompress .*is the file complete\?"):
@@ -112,7 +116,7 @@ def test_tsv_texts_keep_their_quote_marks(tmp_path):
     as written and never swallows the following rows."""
     want = ['"Quoted" at the start', 'an "unclosed quote here', "plain", 'ends with a quote"']
     path = _write(tmp_path / "c.tsv", "id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(want)))
-    assert _corpus({"path": path}).texts == want
+    assert _texts({"path": path}) == want
 
 
 def test_saved_dataset_folder_and_folder_of_files(tmp_path):
@@ -125,11 +129,11 @@ def test_saved_dataset_folder_and_folder_of_files(tmp_path):
     (tmp_path / "files").mkdir()
     _write(tmp_path / "files" / "b.txt", "b1\nb2\n")
     _write(tmp_path / "files" / "a.jsonl", '{"text": "a1"}\n')
-    assert _corpus({"path": str(tmp_path / "saved")}).texts == ["x one", "x two"]
-    assert _corpus({"path": str(tmp_path / "dd"), "split": "dev"}).texts == ["d one"]
+    assert _texts({"path": str(tmp_path / "saved")}) == ["x one", "x two"]
+    assert _texts({"path": str(tmp_path / "dd"), "split": "dev"}) == ["d one"]
     with pytest.raises(UserError, match=r"data.train.0.split: 'train' is not a split .*dev"):
         _corpus({"path": str(tmp_path / "dd")})
-    assert _corpus({"path": str(tmp_path / "files")}).texts == ["a1", "b1", "b2"]
+    assert _texts({"path": str(tmp_path / "files")}) == ["a1", "b1", "b2"]
 
 
 def test_concatenation_limits_dedupe_and_the_summary_line(tmp_path):
@@ -140,7 +144,7 @@ def test_concatenation_limits_dedupe_and_the_summary_line(tmp_path):
     )
     log: list[str] = []
     corpus = _corpus({"path": a}, {"path": b}, log=log)
-    assert corpus.texts == ["a1", "a2", "a3", "shared", "b1", "shared"]
+    assert list(corpus.texts) == ["a1", "a2", "a3", "shared", "b1", "shared"]
     assert corpus.stats["skipped_empty"] == 3 and corpus.stats["skipped_non_string"] == 2
     assert corpus.stats["read"] == 11
     assert [s["kept"] for s in corpus.stats["sources"]] == [4, 2]
@@ -149,18 +153,18 @@ def test_concatenation_limits_dedupe_and_the_summary_line(tmp_path):
     assert "skipped 3 empty or whitespace-only and 2 non-string" in log[0]
 
     deduped = _corpus({"path": a}, {"path": b}, dedupe=True, log=log)
-    assert deduped.texts == ["a1", "a2", "a3", "shared", "b1"]
+    assert list(deduped.texts) == ["a1", "a2", "a3", "shared", "b1"]
     assert deduped.stats["duplicates_dropped"] == 1 and "dropped 1 duplicates" in log[-1]
 
-    assert _corpus({"path": a, "limit": 2}, {"path": b, "limit": 1}).texts == ["a1", "a2", "b1"]
-    assert _corpus({"path": a}, {"path": b}, limit=5).texts == ["a1", "a2", "a3", "shared", "b1"]
+    assert _texts({"path": a, "limit": 2}, {"path": b, "limit": 1}) == ["a1", "a2", "b1"]
+    assert _texts({"path": a}, {"path": b}, limit=5) == ["a1", "a2", "a3", "shared", "b1"]
 
 
 def test_texts_are_kept_as_they_are_except_the_trailing_newline(tmp_path):
     path = _write(tmp_path / "c.txt", " lead and trail \r\nsecond\tline\nlast without newline")
-    assert _corpus({"path": path}).texts == [" lead and trail ", "second\tline", "last without newline"]
+    assert _texts({"path": path}) == [" lead and trail ", "second\tline", "last without newline"]
     jsonl = _write(tmp_path / "c.jsonl", json.dumps({"text": "two\nlines\n"}) + "\n")
-    assert _corpus({"path": jsonl}).texts == ["two\nlines"]
+    assert _texts({"path": jsonl}) == ["two\nlines"]
 
 
 def test_fingerprint_follows_content_not_how_it_is_split(tmp_path):
@@ -230,11 +234,9 @@ def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
                         ("test-00000-of-00001", ["leak"]), ("validation-00000-of-00001", ["v1"]),
                         ("unsupervised-00000-of-00001", ["u1"])]:  # fmt: skip
         pq.write_table(pa.table({"text": texts}), repo / "data" / f"{name}.parquet")
-    assert _corpus({"path": str(repo)}).texts == ["t1", "t2", "t3"]
-    assert _corpus({"path": str(repo), "split": "dev"}).texts == ["v1"]
-    assert _corpus({"path": str(repo), "split": "unsupervised"}).texts == [
-        "u1"
-    ]  # any split name the config gives
+    assert _texts({"path": str(repo)}) == ["t1", "t2", "t3"]
+    assert _texts({"path": str(repo), "split": "dev"}) == ["v1"]
+    assert _texts({"path": str(repo), "split": "unsupervised"}) == ["u1"]  # any split name the config gives
     with pytest.raises(
         UserError, match=r"data\.train\.0\.split: 'extra': .* splits test, train, unsupervised, validation"
     ):
@@ -249,12 +251,12 @@ def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
     (tmp_path / "by_dir" / "test").mkdir()
     _write(tmp_path / "by_dir" / "train" / "a.txt", "kept\n")
     _write(tmp_path / "by_dir" / "test" / "a.txt", "leak\n")
-    assert _corpus({"path": str(tmp_path / "by_dir")}).texts == ["kept"]
+    assert _texts({"path": str(tmp_path / "by_dir")}) == ["kept"]
     # ordinary names that merely contain a split word are not splits: every file is read
     (tmp_path / "plain").mkdir()
     for name, text in [("faq.txt", "a"), ("training-manual.txt", "b"), ("unit-testing-notes.txt", "c")]:
         _write(tmp_path / "plain" / name, text + "\n")
-    assert _corpus({"path": str(tmp_path / "plain")}).texts == ["a", "b", "c"]
+    assert _texts({"path": str(tmp_path / "plain")}) == ["a", "b", "c"]
     # a plain file and its compressed copy side by side would be read twice
     import gzip
 
@@ -266,7 +268,7 @@ def test_a_folder_of_split_files_gives_the_configured_split_only(tmp_path):
     (tmp_path / "two" / "y").mkdir()
     _write(tmp_path / "two" / "x" / "a.txt", "first\n")
     _write(tmp_path / "two" / "y" / "a.txt.gz", gzip.compress(b"second\n"))
-    assert _corpus({"path": str(tmp_path / "two")}).texts == ["first", "second"]
+    assert _texts({"path": str(tmp_path / "two")}) == ["first", "second"]
 
 
 def test_quoted_tsv_is_detected_and_quoting_can_be_forced(tmp_path):
@@ -280,16 +282,20 @@ def test_quoted_tsv_is_detected_and_quoting_can_be_forced(tmp_path):
         w.writerow(["id", "text"])
         w.writerows([i, t] for i, t in enumerate(want))
     assert '"He said ""hi"" today"' in quoted.read_text()
-    assert _corpus({"path": str(quoted)}).texts == want
+    assert _texts({"path": str(quoted)}) == want
     raw = _write(tmp_path / "raw.tsv", "text\n" + "\n".join(want) + "\n")
-    assert _corpus({"path": raw}).texts == want
-    assert _corpus({"path": raw, "quoting": "none"}).texts == want
-    assert _corpus({"path": str(quoted), "quoting": "none"}).texts[0] == '"He said ""hi"" today"'
+    assert _texts({"path": raw}) == want
+    assert _texts({"path": raw, "quoting": "none"}) == want
+    assert _texts({"path": str(quoted), "quoting": "none"})[0] == '"He said ""hi"" today"'
 
 
-def test_hub_sources_stream_when_asked(tmp_path, monkeypatch):
-    """streaming: true reads a Hub dataset as it comes, only as far as the limit needs."""
+def test_hub_sources_stream_when_a_limit_caps_them_and_record_their_commit(tmp_path, monkeypatch):
+    """A Hub source with a limit (its own or data.limit) streams only the rows it needs; the commit its
+    revision resolves to is what is read and what the corpus table records; a table is reused while
+    that commit stays, rebuilt when the branch moves, and reused with a note when the Hub is out of reach."""
     import datasets
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     pulled = []
 
@@ -300,23 +306,58 @@ def test_hub_sources_stream_when_asked(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
-        calls.append((path, name, split, streaming))
+    def fake_load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):
+        calls.append((path, name, split, streaming, revision))
         if streaming:
             return datasets.IterableDataset.from_generator(rows)
         return datasets.Dataset.from_list([{"text": "all", "id": 0}])
 
+    commits = {"org/web-corpus": "a" * 40}
+    asked = []
+
+    def fake_dataset_info(self, repo_id, revision=None, **kwargs):
+        asked.append((repo_id, revision))
+        if repo_id not in commits:
+            raise OfflineModeIsEnabled("offline")
+        return type("Info", (), {"sha": commits[repo_id]})()
+
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    corpus = _corpus({"path": "org/web-corpus", "limit": 5, "streaming": True})
-    assert corpus.texts == ["row 0", "row 2", "row 3", "row 4", "row 5"]  # the empty row is skipped
-    assert calls == [("org/web-corpus", None, "train", True)]
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", fake_dataset_info)
+    cache, log = tmp_path / "cache", []
+    src = {"path": "org/web-corpus", "limit": 5}
+    corpus = _corpus(src, cache_dir=cache, log=log)
+    assert list(corpus.texts) == ["row 0", "row 2", "row 3", "row 4", "row 5"]  # the empty row is skipped
+    assert calls == [("org/web-corpus", None, "train", True, "a" * 40)]
     assert len(pulled) < 100, len(pulled)
-    assert _corpus({"path": "org/small", "limit": 5}).texts == ["all"] and calls[-1][3] is False
+    manifest = json.loads((corpus.path.parent / "corpus.json").read_text())
+    assert manifest["identities"] == [{"hub": "org/web-corpus", "commit": "a" * 40}]
+
+    assert list(_corpus(src, cache_dir=cache, log=log).texts) == list(corpus.texts)
+    assert len(calls) == 1 and "(sources unchanged)" in log[-1]  # reused: nothing loaded again
+    commits["org/web-corpus"] = "b" * 40
+    _corpus(src, cache_dir=cache, log=log)
+    assert calls[-1][4] == "b" * 40 and len(calls) == 2
+    assert f"org/web-corpus moved from commit {'a' * 40} to {'b' * 40}" in log[-1]
+    assert f"data.train.0.revision: {'a' * 40} to keep the old corpus" in log[-1]
+    del commits["org/web-corpus"]  # the Hub cannot be asked
+    _corpus(src, cache_dir=cache, log=log)
+    assert len(calls) == 2 and "cannot ask the Hub where org/web-corpus is now" in log[-2]
+    pinned = {**src, "revision": "c" * 40}
+    n_asked = len(asked)
+    _corpus(pinned)
+    assert calls[-1][4] == "c" * 40 and len(asked) == n_asked  # a commit needs no question
+
+    assert _texts({"path": "org/small"}) == ["all"] and calls[-1][3] is False  # no limit: downloaded
+    assert calls[-1][4] is None  # offline: unresolved, left to the datasets library
+    _corpus({"path": "org/small"}, limit=3)
+    assert calls[-1][3] is True  # data.limit caps it too
+    _corpus({"path": "org/small", "limit": 3, "streaming": False})
+    assert calls[-1][3] is False  # as configured
     with pytest.raises(
         UserError,
         match=r"data\.train\.0\.text_field: no column 'body' in org/web-corpus \(columns: text, id\)",
     ):
-        _corpus({"path": "org/web-corpus", "streaming": True, "text_field": "body"})
+        _corpus({"path": "org/web-corpus", "limit": 5, "text_field": "body"})
 
 
 def _cli(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
@@ -354,3 +395,27 @@ def test_cli_exits_2_with_one_line_for_corpus_errors(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("stella-distill precompute: error: ") and want in lines[0]
+
+
+def test_split_rows_equals_the_plain_permutation_split():
+    """The held-out split is what it always was (sorted halves of one seeded permutation), so runs
+    and their held-out rows stay the same."""
+    from stella_distill.data import split_rows
+
+    rng = np.random.default_rng(0)
+    for n, fraction, limit, seed in [
+        (1000, 0.1, None, 1),
+        (1000, 0.0, 37, 2),
+        (500, 0.3, 20, 3),
+        (1, 0.5, None, 4),
+    ]:
+        valid = rng.random(n) > 0.2
+        rows = np.flatnonzero(valid)
+        n_eval = int(round(len(rows) * fraction))
+        if limit is not None:
+            n_eval = min(n_eval, limit) if fraction > 0 else limit
+        n_eval = min(n_eval, max(len(rows) - 1, 0))
+        perm = np.random.default_rng(seed + 7919).permutation(len(rows))
+        train, held = split_rows(valid, fraction, limit, seed)
+        assert np.array_equal(held, np.sort(rows[perm[:n_eval]])) and len(held) == n_eval
+        assert np.array_equal(train, np.sort(rows[perm[n_eval:]])) and train.dtype == np.int64
