@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stella_distill.config import ExperimentConfig, TeacherConfig, check_teacher_dims
+from stella_distill.checks import check_teacher_dims
+from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.errors import ConfigError, UserError
 from stella_distill.hub import dense_location, looks_local, offline
 from stella_distill.logs import get_logger

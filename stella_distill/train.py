@@ -22,7 +22,8 @@ import torch
 
 from stella_distill import logs, losses, metrics, run
 from stella_distill.cache import TeacherCache, build_target, cache_folder, open_caches, peek_dim
-from stella_distill.config import ExperimentConfig, StageConfig, check_teacher_dims, dump_config
+from stella_distill.checks import check_teacher_dims
+from stella_distill.config import ExperimentConfig, StageConfig, dump_config
 from stella_distill.data import Corpus, load_corpus, split_rows, stage_batches
 from stella_distill.distributed import (
     check_sharding_setup,
