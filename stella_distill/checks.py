@@ -84,18 +84,25 @@ def _check_folders(cfg: ExperimentConfig) -> None:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks that single-field typing cannot express."""
+    """Cross-field checks that single-field typing cannot express, section by section."""
     if not cfg.name.strip():
         raise ConfigError("name: must not be empty")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ConfigError(f"seed: must be in [0, {MAX_SEED}]; got {cfg.seed}")
-    _path(cfg.output_dir, "output_dir")
-    _path(cfg.cache_dir, "cache_dir")
-    _path(cfg.export.out_dir, "export.out_dir")
-    for i, p in enumerate(cfg.evaluate.sts):
-        _path(p, f"evaluate.sts.{i}")
-    for i, p in enumerate(cfg.evaluate.retrieval):
-        _path(p, f"evaluate.retrieval.{i}")
+    for value, where in ((cfg.output_dir, "output_dir"), (cfg.cache_dir, "cache_dir"), (cfg.export.out_dir, "export.out_dir")):  # fmt: skip
+        _path(value, where)
+    _check_data(cfg)
+    _check_teachers(cfg)
+    _check_student(cfg)
+    _check_stages(cfg)
+    _check_train_and_logging(cfg)
+    _check_export_and_evaluate(cfg)
+    check_dims(cfg, cfg.student.target_dim if cfg.student is not None else None)
+    _check_folders(cfg)
+    return cfg
+
+
+def _check_data(cfg: ExperimentConfig) -> None:
     _positive(cfg.data.limit, "data.limit")
     _positive(cfg.data.max_length, "data.max_length")
     _positive(cfg.data.eval_limit, "data.eval_limit")
@@ -104,6 +111,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for i, src in enumerate(cfg.data.train):
         _path(src.path, f"data.train.{i}.path")
         _positive(src.limit, f"data.train.{i}.limit")
+
+
+def _check_teachers(cfg: ExperimentConfig) -> None:
     if not cfg.teachers:
         raise ConfigError("teachers: at least one teacher is required")
     seen: dict[str, int] = {}
@@ -117,8 +127,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         ):
             raise ConfigError(
                 f"teachers.{i}.name: must be a folder name without '/' or control characters that does not "
-                f"start with '.'; "
-                f"got {show(t.name)}"
+                f"start with '.'; got {show(t.name)}"
             )
         _path(t.name, f"teachers.{i}.name")
         if t.name in seen:
@@ -133,39 +142,47 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _path(t.model, f"teachers.{i}.model")
         for j, dense in enumerate(t.dense if isinstance(t.dense, list) else [t.dense]):
             _path(dense, f"teachers.{i}.dense" + (f".{j}" if isinstance(t.dense, list) else ""))
-        _positive(t.max_length, f"teachers.{i}.max_length")
-        _positive(t.batch_tokens, f"teachers.{i}.batch_tokens")
-        _positive(t.max_batch_size, f"teachers.{i}.max_batch_size")
-        _positive(t.shard_size, f"teachers.{i}.shard_size")
+        for key in ("max_length", "batch_tokens", "max_batch_size", "shard_size"):
+            _positive(getattr(t, key), f"teachers.{i}.{key}")
+
+
+def _check_student(cfg: ExperimentConfig) -> None:
     st = cfg.student
-    if st is not None:
-        _path(st.model, "student.model")
-        if st.keep_layers is not None:
-            if not st.keep_layers:
-                raise ConfigError("student.keep_layers: must list at least one layer (or be null)")
-            if any(layer < 0 for layer in st.keep_layers):
-                raise ConfigError(f"student.keep_layers: layer indices must be >= 0; got {st.keep_layers}")
-            if len(set(st.keep_layers)) != len(st.keep_layers):
-                raise ConfigError(f"student.keep_layers: duplicated layer index in {st.keep_layers}")
-            if st.keep_layers != sorted(st.keep_layers):
-                raise ConfigError(f"student.keep_layers: must be increasing; got {st.keep_layers}")
-        _positive(st.target_dim, "student.target_dim")
-        dims = st.mrl.dims
-        for j, d in enumerate(dims):
-            _positive(d, f"student.mrl.dims.{j}")
-        if len(set(dims)) != len(dims):
-            raise ConfigError(f"student.mrl.dims: duplicated dim in {dims}")
-        if dims not in (sorted(dims), sorted(dims, reverse=True)):
-            raise ConfigError(f"student.mrl.dims: must be sorted (increasing or decreasing); got {dims}")
-        if st.target_dim is not None and dims and max(dims) > st.target_dim:
-            raise ConfigError(
-                f"student.mrl.dims: dim {max(dims)} is larger than student.target_dim {st.target_dim}"
-            )
-        if dims and st.mrl.mode == "none":
-            raise ConfigError("student.mrl.mode: is 'none' but student.mrl.dims lists dims")
-    if cfg.stages and st is None:
-        raise ConfigError("student: required when stages are given")
+    if st is None:
+        if cfg.stages:
+            raise ConfigError("student: required when stages are given")
+        return
+    _path(st.model, "student.model")
+    if st.keep_layers is not None:
+        if not st.keep_layers:
+            raise ConfigError("student.keep_layers: must list at least one layer (or be null)")
+        if any(layer < 0 for layer in st.keep_layers):
+            raise ConfigError(f"student.keep_layers: layer indices must be >= 0; got {st.keep_layers}")
+        if len(set(st.keep_layers)) != len(st.keep_layers):
+            raise ConfigError(f"student.keep_layers: duplicated layer index in {st.keep_layers}")
+        if st.keep_layers != sorted(st.keep_layers):
+            raise ConfigError(f"student.keep_layers: must be increasing; got {st.keep_layers}")
+    _positive(st.target_dim, "student.target_dim")
+    dims = st.mrl.dims
+    for j, d in enumerate(dims):
+        _positive(d, f"student.mrl.dims.{j}")
+    if len(set(dims)) != len(dims):
+        raise ConfigError(f"student.mrl.dims: duplicated dim in {dims}")
+    if dims not in (sorted(dims), sorted(dims, reverse=True)):
+        raise ConfigError(f"student.mrl.dims: must be sorted (increasing or decreasing); got {dims}")
+    if st.target_dim is not None and dims and max(dims) > st.target_dim:
+        raise ConfigError(
+            f"student.mrl.dims: dim {max(dims)} is larger than student.target_dim {st.target_dim}"
+        )
+    if dims and st.mrl.mode == "none":
+        raise ConfigError("student.mrl.mode: is 'none' but student.mrl.dims lists dims")
+
+
+def _check_stages(cfg: ExperimentConfig) -> None:
     names: dict[str, int] = {}
+    most = cfg.data.limit  # the most texts the corpus limits allow
+    if most is None and cfg.data.train and all(src.limit is not None for src in cfg.data.train):
+        most = sum(src.limit for src in cfg.data.train)
     for i, s in enumerate(cfg.stages):
         p = f"stages.{i}"
         if s.name in names:
@@ -173,44 +190,63 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         names[s.name] = i
         if s.steps is None and s.epochs is None:
             raise ConfigError(f"{p}.steps: set steps or epochs")
-        _positive(s.steps, f"{p}.steps")
-        _positive(s.epochs, f"{p}.epochs")
-        _positive(s.batch_size, f"{p}.batch_size")
-        _positive(s.grad_accumulation, f"{p}.grad_accumulation")
-        _positive(s.lr, f"{p}.lr")
-        _positive(s.last_layers, f"{p}.last_layers")
+        for key in (
+            "steps",
+            "epochs",
+            "batch_size",
+            "grad_accumulation",
+            "lr",
+            "last_layers",
+            "max_grad_norm",
+        ):
+            _positive(getattr(s, key), f"{p}.{key}")
         _positive(s.weight_decay, f"{p}.weight_decay", allow_zero=True)
-        _positive(s.max_grad_norm, f"{p}.max_grad_norm")
         _positive(s.margin, f"{p}.margin", allow_zero=True)
         if not 0.0 <= s.warmup_ratio < 1.0:
             raise ConfigError(f"{p}.warmup_ratio: must be in [0, 1); got {s.warmup_ratio!r}")
-        for k, v in dataclasses.asdict(s.loss_weights).items():
+        weights, mrl_weights = dataclasses.asdict(s.loss_weights), dataclasses.asdict(s.mrl_loss_weights)
+        for k, v in weights.items():
             _positive(v, f"{p}.loss_weights.{k}", allow_zero=True)
-        for k, v in dataclasses.asdict(s.mrl_loss_weights).items():
+        for k, v in mrl_weights.items():
             _positive(v, f"{p}.mrl_loss_weights.{k}", allow_zero=True)
-        if not any(dataclasses.asdict(s.loss_weights).values()) and not (
-            s.mrl and any(dataclasses.asdict(s.mrl_loss_weights).values())
-        ):
+        if not any(weights.values()) and not (s.mrl and any(mrl_weights.values())):
             raise ConfigError(f"{p}.loss_weights: every loss weight is 0; the stage would train nothing")
-        if s.mrl and (st is None or not st.mrl.dims):
+        if s.mrl and (cfg.student is None or not cfg.student.mrl.dims):
             raise ConfigError(f"{p}.mrl: stage trains reduced dims but student.mrl.dims is empty")
+        if most is not None and s.batch_size > most:
+            raise ConfigError(
+                f"{p}.batch_size: {s.batch_size} is more than the at most {most} texts the corpus "
+                f"limits allow (data.limit / data.train.*.limit); no batch could be formed"
+            )
+
+
+def _check_train_and_logging(cfg: ExperimentConfig) -> None:
     _positive(cfg.train.checkpoint_every, "train.checkpoint_every", allow_zero=True)
     _positive(cfg.train.keep_checkpoints, "train.keep_checkpoints")
     _positive(cfg.train.embedding_chunk_size, "train.embedding_chunk_size")
     _positive(cfg.train.eval_every, "train.eval_every", allow_zero=True)
     _positive(cfg.train.log_every, "train.log_every")
-    _positive(cfg.evaluate.batch_size, "evaluate.batch_size")
     if len(set(cfg.logging.report_to)) != len(cfg.logging.report_to):
         raise ConfigError(f"logging.report_to: a tracker is listed twice in {cfg.logging.report_to}")
-    ex = cfg.export
+
+
+def _check_export_and_evaluate(cfg: ExperimentConfig) -> None:
+    ex, ev = cfg.export, cfg.evaluate
+    for i, p in enumerate(ev.sts):
+        _path(p, f"evaluate.sts.{i}")
+    for i, p in enumerate(ev.retrieval):
+        _path(p, f"evaluate.retrieval.{i}")
+    _positive(ev.batch_size, "evaluate.batch_size")
     _positive(ex.default_dim, "export.default_dim")
+    offered = f"({', '.join(ex.prompts) or 'none defined'})"
     for what in ("sts", "query", "doc"):
-        name = getattr(cfg.evaluate, f"{what}_prompt_name")
+        name = getattr(ev, f"{what}_prompt_name")
         if name is not None and name not in ex.prompts:
-            raise ConfigError(
-                f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts "
-                f"({', '.join(ex.prompts) or 'none defined'})"
-            )
+            raise ConfigError(f"evaluate.{what}_prompt_name: {name!r} is not one of export.prompts {offered}")
+    if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
+        raise ConfigError(
+            f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts {offered}"
+        )
     for name, values, pattern, what in (  # the card's metadata: what the Hub accepts
         ("license", [ex.license] if ex.license else [], r"[a-z0-9][a-z0-9.+-]*", "a license id such as mit"),
         ("language", ex.language, r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", "a language code such as en or pt-BR"),
@@ -220,25 +256,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             if not re.fullmatch(pattern, value):
                 where = "export.license" if name == "license" else f"export.{name}.{i}"
                 raise ConfigError(f"{where}: expected {what}; got {value!r}")
-    if ex.default_prompt_name is not None and ex.default_prompt_name not in ex.prompts:
-        raise ConfigError(
-            f"export.default_prompt_name: {ex.default_prompt_name!r} is not one of export.prompts "
-            f"({', '.join(ex.prompts) or 'none defined'})"
-        )
     if ex.push_to_hub is not None and not HUB_REPO.fullmatch(ex.push_to_hub):
         raise ConfigError(f"export.push_to_hub: {ex.push_to_hub!r} is not a Hub repo id of the form org/name")
-    check_dims(cfg, st.target_dim if st is not None else None)
-    _check_folders(cfg)
-    most = cfg.data.limit
-    if most is None and cfg.data.train and all(src.limit is not None for src in cfg.data.train):
-        most = sum(src.limit for src in cfg.data.train)
-    for i, s in enumerate(cfg.stages):
-        if most is not None and s.batch_size > most:
-            raise ConfigError(
-                f"stages.{i}.batch_size: {s.batch_size} is more than the at most {most} texts the corpus "
-                f"limits allow (data.limit / data.train.*.limit); no batch could be formed"
-            )
-    return cfg
 
 
 def check_teacher_dims(cfg: ExperimentConfig, dims: list[int]) -> None:
@@ -254,6 +273,16 @@ def check_teacher_dims(cfg: ExperimentConfig, dims: list[int]) -> None:
     check_dims(cfg, total)
 
 
+def mrl_dims_problem(dims: list[int], target: int) -> str | None:
+    """What is wrong with reduced dims ``dims`` for a ``target``-d projection (None: nothing)."""
+    for d in dims:
+        if d > target:
+            return f"dim {d} is larger than the target dim {target}"
+        if d == target:
+            return f"dim {d} equals the target dim; the projection already outputs it, list only reduced dims"
+    return None
+
+
 def check_dims(cfg: ExperimentConfig, target: int | None) -> None:
     """``student.mrl.dims`` and ``export.default_dim`` against the student's target dim (None: not known
     yet; the teachers' dims decide it). Checked at load time, again when the models' files tell the
@@ -261,15 +290,9 @@ def check_dims(cfg: ExperimentConfig, target: int | None) -> None:
     st, default = cfg.student, cfg.export.default_dim
     if st is None:
         return
-    if target is not None:
-        for d in st.mrl.dims:
-            if d > target:
-                raise ConfigError(f"student.mrl.dims: dim {d} is larger than the target dim {target}")
-            if d == target:
-                raise ConfigError(
-                    f"student.mrl.dims: dim {d} equals the target dim; the projection already outputs it, "
-                    f"list only reduced dims"
-                )
+    problem = mrl_dims_problem(st.mrl.dims, target) if target is not None else None
+    if problem:
+        raise ConfigError(f"student.mrl.dims: {problem}")
     if default is None or default in st.mrl.dims:
         return
     if st.mrl.mode == "truncate":

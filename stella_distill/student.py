@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stella_distill.checks import mrl_dims_problem
 from stella_distill.errors import UserError
 from stella_distill.pooling import POOLINGS, load_backbone, load_tokenizer, pool, with_prompt
 
@@ -145,13 +146,9 @@ def _check_mrl(mode: str, dims: list[int], target_dim: int) -> None:
     for d in dims:
         if d <= 0:
             raise UserError(f"student.mrl.dims: dim {d} must be positive")
-        if d > target_dim:
-            raise UserError(f"student.mrl.dims: dim {d} is larger than the target dim {target_dim}")
-        if d == target_dim:
-            raise UserError(
-                f"student.mrl.dims: dim {d} equals the target dim; the projection already outputs it, "
-                f"list only reduced dims"
-            )
+    problem = mrl_dims_problem(list(dims), target_dim)
+    if problem:
+        raise UserError(f"student.mrl.dims: {problem}")
 
 
 class StudentModel(nn.Module):
