@@ -188,7 +188,7 @@ def worker(args) -> None:
 
 def write_corpus(path: Path, n: int, seed: int, phrases: int) -> int:
     """``n`` texts of ``phrases`` random phrases each (3-24 words; with 2, a few % of the texts repeat by
-    chance, ~140 bytes a text like the issue's 1 M-line file; with 16, ~1.1 KB); returns the file's bytes."""
+    chance, ~140 bytes a text, like a 1 M-line file of short sentences; with 16, ~1.1 KB); returns the file's bytes."""
     from tiny import WORDS
 
     rng = np.random.default_rng(seed)
@@ -265,7 +265,9 @@ def run_verb(verb: str, loader: str, procs: int, config: Path, out: Path) -> dic
     if proc.returncode != 0:
         sys.exit(f"{verb} {loader} x{procs} failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
-    assert all(r["world"] == procs for r in ranks), ranks  # a CPU launch can fool you (shared/NOTES.md)
+    assert all(r["world"] == procs for r in ranks), (
+        ranks
+    )  # a CPU launch can give N processes that each think they are alone
     return {
         "anon_peak": max(r["anon_peak"] for r in ranks),
         "hwm": max(r["hwm"] for r in ranks),

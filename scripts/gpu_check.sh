@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command of a session that has a GPU machine (the device tool's `run`, with carry [".whl"]):
+# The one command to run on a GPU machine (a copy of this repository, with .whl/ filled beforehand):
 #
 #   bash scripts/gpu_check.sh
 #

@@ -11,18 +11,14 @@ Layout of ``cache_dir/<teacher.name>/``::
                            after the shard's rows are on disk; a shard without it is not done
     manifest.json          written atomically last; carries ``manifest_sha256`` over its own body
 
-Every file is replaced atomically (temp file, fsync, ``os.replace``) and the shard region writes
-are idempotent, so a ``kill -9`` at any moment loses at most the shards in flight and a rerun
-ends byte-identical to an uninterrupted run.
-
-This module is numpy only: no torch, no trainer.
+Every file is replaced atomically and the shard writes are idempotent: a ``kill -9`` at any moment loses
+at most the shards in flight, and a rerun ends byte-identical to an uninterrupted run. numpy only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import time
@@ -35,11 +31,15 @@ import numpy as np
 from stella_distill.errors import UserError
 from stella_distill.files import (
     atomic_write,
+    give_lock,
+    json_bytes,
     named_os_error,
+    npy_bytes,
     npy_header,
     replaced_atomically,
     sha256_file,
     sha256_rows,
+    take_lock,
 )
 from stella_distill.fingerprints import corpus_mismatch, teacher_identity, teacher_mismatch
 from stella_distill.tables import read_json
@@ -62,30 +62,15 @@ class CacheError(UserError):
     """A teacher cache that is missing, incomplete, corrupted or built for something else."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Small file helpers
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _read_json(path: Path, label: str) -> dict:
     try:
-        data = read_json(path)
+        data: Any = read_json(path)
     except UserError as exc:
-        raise CacheError(
-            f"{label}: {path.name} is unreadable ({exc}); remove {path.parent} and rerun precompute"
-        ) from None
+        data = exc
     if not isinstance(data, dict):
+        problem = data if isinstance(data, UserError) else "not a JSON object"
         raise CacheError(
-            f"{label}: {path.name} is not a JSON object; remove {path.parent} and rerun precompute"
+            f"{label}: {path.name} is unreadable ({problem}); remove {path.parent} and rerun precompute"
         )
     return data
 
@@ -102,10 +87,6 @@ def _shard_record_path(folder: Path, index: int) -> Path:
 
 def _label(folder: Path) -> str:
     return f"cache/{Path(folder).name}"
-
-
-# ---------------------------------------------------------------------------------------------
-# What a cache is for
 
 
 def _check_identity(label: str, *mismatches: str | None) -> None:
@@ -169,7 +150,9 @@ class CacheBuild:
         if (folder / _MANIFEST).is_file():
             try:
                 cache = TeacherCache(folder, verify=True)
-                cache.check(teacher=teacher, max_length=max_length, corpus=corpus, index=index)
+                cache.check(
+                    teacher=teacher, max_length=max_length, corpus=corpus, index=index, identity=expected
+                )
             except CacheError as exc:
                 raise CacheError(str(exc) if "remove" in str(exc) else f"{exc}{refuse}") from None
             return cls(folder, build, index=index, skip=True, resume_dim=None)
@@ -216,9 +199,9 @@ class CacheBuild:
             _remove_temp_files(folder)
             if self.resume_dim is None or not (folder / _ROW_HASHES).is_file():
                 folder.mkdir(parents=True, exist_ok=True)
-                atomic_write(folder / _BUILD, _json_bytes(self.build))
+                atomic_write(folder / _BUILD, json_bytes(self.build))
                 (folder / _SHARDS).mkdir(exist_ok=True)
-                atomic_write(folder / _ROW_HASHES, _npy_bytes(np.asarray(row_hashes, dtype="<u8")))
+                atomic_write(folder / _ROW_HASHES, npy_bytes(np.asarray(row_hashes, dtype="<u8")))
             _ensure_vectors_file(folder, int(self.build["rows"]), int(dim))
         return [i for i, (a, b) in enumerate(self.bounds()) if _read_shard_record(folder, i, a, b) is None]
 
@@ -247,10 +230,28 @@ class CacheBuild:
             for i, (a, b) in enumerate(self.bounds())
         ]
         missing = [i for i, r in enumerate(records) if r is None]
-        if missing:
-            raise RuntimeError(f"{self.label}: shards {missing[:10]} have no record after encoding")
+        if missing:  # another job removed them (no lock held?), or a disk lost them
+            raise CacheError(
+                f"{self.label}: shards {missing[:10]} have no record after encoding; rerun precompute to redo them"
+            )
         with _writes(self.folder):
             return _write_manifest(self.folder, self.build, records, extra={"commit": commit})
+
+
+def hold_build_lock(folder: Path) -> bool:
+    """Take the lock of building ``folder`` (``.<name>.lock`` beside it; two builds would undo each other's
+    shards), or refuse naming the job that holds it. See ``files.take_lock``."""
+    folder = Path(folder)
+    with _writes(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        taken, holder = take_lock(folder.parent / f".{folder.name}.lock", "stella-distill precompute")
+    if holder is not None:
+        raise CacheError(f"{_label(folder)}: {holder} is building this cache now; wait for it to finish")
+    return taken
+
+
+def release_build_lock(folder: Path) -> None:
+    give_lock(Path(folder).parent / f".{Path(folder).name}.lock")
 
 
 @contextlib.contextmanager
@@ -335,7 +336,7 @@ def _write_shard(folder: Path, index: int, start: int, rows: np.ndarray, nonfini
         "sha256": hashlib.sha256(data).hexdigest(),
         "nonfinite_rows": [int(r) for r in nonfinite_rows],
     }
-    atomic_write(_shard_record_path(folder, index), _json_bytes(record))
+    atomic_write(_shard_record_path(folder, index), json_bytes(record))
     return record
 
 
@@ -384,7 +385,7 @@ def _write_manifest(folder: Path, build: dict, records: list[dict], *, extra: di
         }
     )
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    atomic_write(folder / _MANIFEST, _json_bytes(manifest))
+    atomic_write(folder / _MANIFEST, json_bytes(manifest))
     return manifest
 
 
@@ -464,16 +465,17 @@ class TeacherCache:
         corpus: Corpus | None = None,
         row_hashes: np.ndarray | None = None,
         index: int | None = None,
+        identity: dict | None = None,
     ) -> None:
         """Raise :class:`CacheError` unless this cache was built for ``teacher`` and the corpus.
 
-        The message names the field that differs and the config field to look at
-        (``cache/gte: built for pooling 'cls', config says 'mean' (teachers.0.pooling)``); for
-        the corpus it names the first row that differs. ``index`` is the teacher's position in
-        ``teachers`` (for the field name).
+        The message names the field that differs and the config field to look at (``cache/gte: built for
+        pooling 'cls', config says 'mean' (teachers.0.pooling)``), or the first corpus row that differs.
+        ``index``: the teacher's position; ``identity``: its ``teacher_identity`` when already known.
         """
         label = _label(self.path)
-        _check_identity(label, teacher_mismatch(self.manifest, teacher_identity(teacher, max_length), index))
+        identity = identity or teacher_identity(teacher, max_length)
+        _check_identity(label, teacher_mismatch(self.manifest, identity, index))
         if corpus is not None:
             row_hashes = corpus.row_hashes
         if row_hashes is not None:
@@ -527,8 +529,7 @@ def _check_manifest_values(m: dict, label: str, folder: Path) -> None:
             )
         return value
 
-    rows, _ = count("rows", 1), count("dim", 1)
-    count("shard_size", 1)
+    rows, _, _ = count("rows", 1), count("dim", 1), count("shard_size", 1)
     invalid = m.get("invalid_rows", [])
     shards = m.get("shards")
     if not isinstance(shards, list) or not all(isinstance(h, str) for h in shards):
@@ -569,11 +570,13 @@ def cache_folder(cfg: ExperimentConfig, teacher: TeacherConfig) -> Path:
 
 
 def open_caches(cfg: ExperimentConfig, corpus: Corpus, verify: bool = True) -> list[TeacherCache]:
-    """Open and check the cache of every teacher in ``cfg`` against the config and ``corpus``."""
+    """Open every teacher's cache; with ``verify``, read every shard's checksum and check each against
+    its teacher and ``corpus`` (one process of a job); without, the manifest, sizes and row hashes only."""
     caches = []
     for i, teacher in enumerate(cfg.teachers):
         cache = TeacherCache(cache_folder(cfg, teacher), verify=verify)
-        cache.check(teacher=teacher, max_length=cfg.teacher_max_length(teacher), corpus=corpus, index=i)
+        if verify:
+            cache.check(teacher=teacher, max_length=cfg.teacher_max_length(teacher), corpus=corpus, index=i)
         caches.append(cache)
     return caches
 

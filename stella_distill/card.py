@@ -83,12 +83,15 @@ class CardData:
     def load_call(self, dim: int | None = None, root: bool = True) -> str:
         """``SentenceTransformer(...)`` giving ``dim``-d vectors (default: the default dim) and nothing else;
         the export's root for its default dim unless ``root`` is False."""
+        code = ", trust_remote_code=True" if self.layout.trust_remote_code else ""  # the backbone's own code
         if dim is None or (root and dim == self.layout.default_dim) or dim not in self.layout.dim_folders:
             revision = f', revision="{self.revision}"' if self.repo_id and self.revision else ""
-            return f'SentenceTransformer("{self.model_ref}"{revision})'
+            return f'SentenceTransformer("{self.model_ref}"{revision}{code})'
         if self.repo_id:
-            return f'SentenceTransformer("{self.repo_id}", revision="{dim_revision(dim, self.revision)}")'
-        return f'SentenceTransformer("{self.model_ref}/{self.layout.dim_folders[dim]}")'
+            return (
+                f'SentenceTransformer("{self.repo_id}", revision="{dim_revision(dim, self.revision)}"{code})'
+            )
+        return f'SentenceTransformer("{self.model_ref}/{self.layout.dim_folders[dim]}"{code})'
 
 
 # ---------------------------------------------------------------------------------------------

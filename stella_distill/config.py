@@ -120,9 +120,9 @@ class TeacherConfig:
     )
     trust_remote_code: bool = _f(False, doc="allow the model's own Python code (off unless you trust it)")
     batch_tokens: int | None = _f(
-        None, doc="token budget per forward batch (null: 16384 on GPU, 1024 on CPU)"
+        None, doc="token budget per forward batch (null: 32768 on GPU, 1024 on CPU)"
     )
-    max_batch_size: int | None = _f(None, doc="cap on texts per forward batch (null: 256 on GPU, 64 on CPU)")
+    max_batch_size: int | None = _f(None, doc="cap on texts per forward batch (null: 1024 on GPU, 64 on CPU)")
     shard_size: int = _f(4096, doc="rows per cache shard (the unit of atomic writes and resume)")
 
 
@@ -300,13 +300,6 @@ class ExperimentConfig:
     def teacher_max_length(self, teacher: TeacherConfig) -> int:
         """The max length a teacher encodes with."""
         return teacher.max_length or self.data.max_length
-
-    def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all if none), for checkpoint compatibility checks."""
-        d = self.to_dict()
-        if sections:
-            d = {k: d[k] for k in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint_stage(self, index: int) -> str:
         """Stable hash of one stage's training-relevant fields (not its name)."""

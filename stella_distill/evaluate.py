@@ -45,6 +45,7 @@ from stella_distill.logs import get_logger
 from stella_distill.plots import DIM_PLOT, plot_metrics_by_dim
 from stella_distill.pooling import with_prompt
 from stella_distill.run import EVAL_FILE, find_eval
+from stella_distill.student import nonfinite_tensors
 
 logger = get_logger(__name__)
 FIDELITY_PAIRS_ROWS = 2000  # similarity Spearman uses at most this many rows (n^2 / 2 pairs)
@@ -91,17 +92,6 @@ def spearman_cosine(a: np.ndarray, b: np.ndarray, scores) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring through sentence-transformers' evaluators
-
-
-def _check_finite_weights(model, model_dir: Path) -> None:
-    """A model with NaN/inf weights gives no score worth reporting: refuse it before any encoding."""
-    import torch
-
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise UserError(
-            f"{model_dir}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); nothing to evaluate"
-        )
 
 
 def _finite(emb: np.ndarray, what: str) -> np.ndarray:
@@ -379,8 +369,13 @@ def evaluate_model(
     fidelity = fidelity_inputs(config, cache_dir, rows) if config is not None else None
     if fidelity is not None and fidelity[1].shape[1] != layout.full_dim:
         raise UserError(
-            f"{cache_dir}: the teachers' target has {fidelity[1].shape[1]} dims but {model_dir} outputs "
+            f"{cache_dir or 'cache_dir'}: the teachers' target has {fidelity[1].shape[1]} dims but {model_dir} outputs "
             f"{layout.full_dim}; this cache does not belong to this model"
+        )
+    if out_dir is None and not is_export_root(model_dir):
+        raise UserError(
+            f"--out: {model_dir} is not an export of stella-distill, and its files are not ours to change; "
+            f"name a folder for eval.json and the plot with --out"
         )
     out_dir = Path(out_dir) if out_dir is not None else model_dir
     try:  # an unwritable --out fails now, not after the scoring
@@ -389,7 +384,11 @@ def evaluate_model(
         raise UserError(f"--out: cannot create {exc.filename or out_dir}: {exc.strerror or exc}") from None
 
     model = load(model_dir, dim=dims[0], device=device)
-    _check_finite_weights(model, model_dir)
+    bad = nonfinite_tensors(model)  # a model with NaN/inf weights gives no score worth reporting
+    if bad:
+        raise UserError(
+            f"{model_dir}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); nothing to evaluate"
+        )
     results: dict[int, dict[str, float]] = {}
     for d in dims:
         set_dim(model, model_dir, d, layout)
@@ -440,6 +439,6 @@ def evaluate_model(
         logger.info(f"evaluate: {write_card(model_dir)} now shows these results (and its model-index)")
     elif not ours:
         logger.info(
-            f"evaluate: {model_dir} is not an export of stella-distill; its files are left as they are"
+            f"evaluate: {model_dir} is not an export of stella-distill; its own files are left as they are"
         )
     return result

@@ -40,7 +40,7 @@ from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_ro
 from stella_distill.logs import get_logger
 from stella_distill.push import check_target, push_folder
 from stella_distill.run import Source, consolidate_state_dict, find_source, read_metrics
-from stella_distill.student import StudentModel
+from stella_distill.student import StudentModel, nonfinite_tensors
 from stella_distill.tables import read_json
 
 logger = get_logger(__name__)
@@ -243,21 +243,6 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def check_finite(student: StudentModel, where: str) -> None:
-    """Refuse a student whose weights hold NaN or inf (a diverged run): it must never ship."""
-    bad = [
-        name
-        for name, t in student.state_dict().items()
-        if t.is_floating_point() and not torch.isfinite(t).all()
-    ]
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise UserError(
-            f"{where}: the student's weights hold NaN/inf ({len(bad)} tensors: {shown}); the run diverged "
-            f"and is not exported; export an earlier checkpoint (checkpoints/step-*) instead"
-        )
-
-
 def export_student(
     student,
     out: str | Path,
@@ -295,7 +280,12 @@ def export_student(
     if student.prompt and student.prompt not in prompts.values():
         prompts.setdefault("document", student.prompt)
 
-    check_finite(student, str(out))
+    bad = nonfinite_tensors(student)
+    if bad:
+        raise UserError(
+            f"{out}: the student's weights hold NaN/inf ({len(bad)} tensors: {', '.join(bad[:3])}); the run "
+            f"diverged and is not exported; export an earlier checkpoint (checkpoints/step-*) instead"
+        )
     tmp = None
     try:
         tmp = _prepare_out(out)
@@ -356,6 +346,7 @@ def _write_export(
         "max_length": int(student.max_length),
         "hidden_size": int(student.hidden_size),
         "training_prompt": student.prompt,
+        "trust_remote_code": student.trusts_remote_code,
     }
     for stray in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")):
         stray.unlink()  # safetensors only
@@ -497,8 +488,9 @@ def verify_export(
                 f"{out}: the exported model does not reproduce the student at dim {d} "
                 f"(shape {tuple(got.shape)}, min cosine {worst[d]:.6f})"
             )
+    code = {"trust_remote_code": True} if layout.trust_remote_code else {}  # the backbone's own code
     for d, sub in layout.dim_folders.items():  # loaded as any tool would: nothing set but the folder
-        got = SentenceTransformer(str(Path(out) / sub), device="cpu").encode(
+        got = SentenceTransformer(str(Path(out) / sub), device="cpu", **code).encode(
             list(texts), prompt=student.prompt or "", convert_to_tensor=True
         )
         cosine = float(
@@ -529,6 +521,7 @@ def export_run(
     push: bool = True,
     layout: str | None = None,
     made_from: str | None = None,
+    config=None,
 ) -> Path:
     """``stella-distill export``: write the sentence-transformers folder of a run (or one checkpoint).
 
@@ -540,11 +533,13 @@ def export_run(
     or ``export.private`` makes a new repo private. ``push=False`` never uploads (a pipeline that
     evaluates first, then calls ``push_export``); the card still names the repo. ``made_from`` (the
     pipeline's fingerprint of what the export is made from) is recorded in ``stella_distill.json``.
+    ``config`` (an ``ExperimentConfig``) replaces the run's saved ``config.yaml`` for the export and card
+    settings: ``run`` passes the config it was given, whose ``export.*`` may have changed since training.
     """
     out = Path(out)
     _check_out(out)
     source = find_source(run_dir)
-    cfg = source.config
+    cfg = config if config is not None else source.config
     ex = cfg.export if cfg is not None else None
     repo_id = repo_id or (ex.push_to_hub if ex is not None else None)
     if repo_id:

@@ -8,10 +8,15 @@ through here: written beside its place, fsynced, renamed over it, the folder fsy
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import io
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +68,18 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented, key-sorted JSON bytes (what our JSON files hold: stable, diffable)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def sha256_file(path: Path) -> str:
@@ -161,3 +178,42 @@ def open_as_umask(folder: Path) -> None:
     for p in folder.rglob("*"):
         if not p.is_symlink():
             p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+_held: dict[Path, Any] = {}  # lock files this process holds (their open files)
+
+
+def take_lock(lock_file: Path, who: str) -> tuple[bool, str | None]:
+    """Take the advisory lock ``lock_file`` for this process: ``(True, None)`` when taken now,
+    ``(False, None)`` when this process held it already, ``(False, holder)`` when another process holds
+    it (``holder`` says which). A ``flock``: the system drops it when the process ends, however it ends,
+    so a killed job never leaves a stale lock behind."""
+    lock_file = Path(lock_file)
+    if lock_file in _held:
+        return False, None
+    f = open(lock_file, "a+")  # noqa: SIM115 - held open until give_lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()[:200] or "another process"
+        f.close()
+        return False, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"{who} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    f.flush()
+    _held[lock_file] = f
+    return True, None
+
+
+def give_lock(lock_file: Path) -> None:
+    """Give ``lock_file`` back (a no-op if this process does not hold it)."""
+    f = _held.pop(Path(lock_file), None)
+    if f is not None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -35,6 +35,7 @@ class Layout:
     source: str | None = None  # the run or checkpoint it was exported from (stella_distill.json)
     dim_folders: dict[int, str] = field(default_factory=dict)  # dim -> "dims/{d}" (relative), if written
     dim_folder_of: dict | None = None  # set in a dims/{d} folder: mode and dims of the export it is part of
+    trust_remote_code: bool = False  # the backbone runs its own code (the run's config trusted it)
 
 
 def dim_folder(root: str | Path, dim: int) -> Path:
@@ -79,18 +80,23 @@ def read_layout(path: str | Path) -> Layout:
     path = Path(path)
     modules_file = path / "modules.json"
     modules = read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise UserError(
+            f"{modules_file}: expected a list of module objects (sentence-transformers' modules.json)"
+        )
     st_file = path / "config_sentence_transformers.json"
     st_cfg = read_object(st_file) if st_file.is_file() else {}
     info = read_info(path)
     dense = [m for m in modules if str(m.get("type", "")).endswith("Dense")]
     pooling = [m for m in modules if str(m.get("type", "")).endswith("Pooling")]
     if dense:
-        out_dim = int(read_object(path / dense[-1]["path"] / "config.json")["out_features"])
+        out_dim = read_object(path / str(dense[-1].get("path", "")) / "config.json").get("out_features")
     elif pooling:
-        pool_cfg = read_object(path / pooling[0]["path"] / "config.json")
-        out_dim = int(pool_cfg.get("word_embedding_dimension") or pool_cfg.get("embedding_dimension") or 0)
+        pool_cfg = read_object(path / str(pooling[0].get("path", "")) / "config.json")
+        out_dim = pool_cfg.get("word_embedding_dimension") or pool_cfg.get("embedding_dimension")
     else:
         out_dim = 0
+    out_dim = out_dim if isinstance(out_dim, int) and not isinstance(out_dim, bool) else 0
     if out_dim <= 0:
         raise UserError(f"{modules_file}: cannot tell the output dim (no Dense or Pooling module config)")
     heads = sorted(
@@ -111,6 +117,7 @@ def read_layout(path: str | Path) -> Layout:
         "pooling": info.get("pooling", "mean"),
         "max_length": info.get("max_length"),
         "source": info.get("source"),
+        "trust_remote_code": info.get("trust_remote_code") is True,
         "dim_folders": dict(sorted(folders.items(), reverse=True)),
         "dim_folder_of": info.get("dim_folder_of"),
     }
@@ -159,6 +166,8 @@ def load(path: str | Path, dim: int | None = None, **kwargs):
 
     folder = local_folder(path, kwargs.get("revision"))
     layout = read_layout(folder)
+    if layout.trust_remote_code:  # an export of a student whose config trusted its backbone's code
+        kwargs.setdefault("trust_remote_code", True)
     if dim is not None:
         check_dim(dim, layout.mode, layout.dims, layout.full_dim, str(path))
         if layout.mode == "truncate":

@@ -129,7 +129,9 @@ def _run_all(cfg: ExperimentConfig, run_dir: Path, state, t0: float) -> dict:
     else:
         t = time.perf_counter()
         if not export_fresh:
-            export_run(run_dir, export_dir, dim=cfg.export.default_dim, push=False, made_from=export_fp)
+            export_run(
+                run_dir, export_dir, dim=cfg.export.default_dim, push=False, made_from=export_fp, config=cfg
+            )
         timings["export_s"] = time.perf_counter() - t
         t = time.perf_counter()
         results = evaluate_model(

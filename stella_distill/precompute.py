@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from stella_distill import logs
-from stella_distill.cache import CacheBuild, cache_folder
+from stella_distill.cache import CacheBuild, cache_folder, hold_build_lock, release_build_lock
 from stella_distill.config import ExperimentConfig, TeacherConfig
 from stella_distill.data import Corpus, load_corpus
 from stella_distill.distributed import on_main
@@ -347,6 +347,15 @@ def _precompute_teacher(
     log: Callable[[str], Any],
 ) -> Path:
     folder = cache_folder(cfg, teacher)
+    taken = on_main(state, lambda: hold_build_lock(folder))
+    try:
+        return _build_teacher_cache(cfg, index, teacher, corpus, state, log, folder)
+    finally:
+        if taken:
+            release_build_lock(folder)
+
+
+def _build_teacher_cache(cfg, index, teacher, corpus, state, log, folder: Path) -> Path:
     max_length = cfg.teacher_max_length(teacher)
     build = on_main(
         state, lambda: CacheBuild.plan(folder, teacher, index=index, max_length=max_length, corpus=corpus)

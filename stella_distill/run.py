@@ -22,12 +22,10 @@ where a checkpoint's weights are read, because they are heavy and the rest of th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 from stella_distill.config import ExperimentConfig, dump_config, load_config
 from stella_distill.errors import UserError, write_failure
-from stella_distill.files import atomic_write, sha256_file
+from stella_distill.files import atomic_write, give_lock, sha256_file, take_lock
 from stella_distill.fingerprints import folder_sha256
 from stella_distill.tables import read_json
 from stella_distill.version import __version__
@@ -67,11 +65,20 @@ class Position:
     stage_complete: bool = False
 
 
+# Teacher and source fields that change how the job runs, not the vectors or rows it makes.
+RUN_ONLY_FIELDS = ("batch_tokens", "max_batch_size", "shard_size", "streaming")
+
+
 def compat(cfg: ExperimentConfig) -> dict:
-    """What a checkpoint must share with the config to be resumed (and ``final/`` to count as done)."""
+    """What a checkpoint must share with the config to be resumed (and ``final/`` to count as done):
+    the student, the teachers and the data as far as they change the targets and rows, the seed, and
+    each stage's training fields."""
+    d = cfg.to_dict()
+    teachers = [{k: v for k, v in t.items() if k not in RUN_ONLY_FIELDS} for t in d["teachers"]]
+    sources = [{k: v for k, v in s.items() if k not in RUN_ONLY_FIELDS} for s in d["data"]["train"]]
     return {
-        "model": cfg.fingerprint("student", "teachers", "seed"),
-        "data": cfg.fingerprint("data"),
+        "model": _digest(d["student"], teachers, d["seed"])[:16],
+        "data": _digest({**d["data"], "train": sources})[:16],
         "stages": [cfg.fingerprint_stage(i) for i in range(len(cfg.stages))],
     }
 
@@ -175,45 +182,23 @@ def _publish(tmp: Path, final: Path, state: dict) -> None:
 # One process at a time
 
 
-_held: dict[Path, Any] = {}  # run folders this process holds the lock of (their open lock files)
-
-
 def hold_lock(run_dir: Path, what: str) -> bool:
     """Take the run folder's lock for this process, or refuse with one line; False if this process
-    already held it (the caller that took it gives it back).
-
-    An advisory ``flock`` on ``run_dir/.stella-distill.lock``: the system drops it when the process
-    ends, however it ends, so a killed run never leaves a stale lock behind.
-    """
+    already held it (the caller that took it gives it back). See ``files.take_lock``."""
     run_dir = Path(run_dir).resolve()
-    if run_dir in _held:
-        return False
     with writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open until release_lock
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()[:200] or "another process"
-        f.close()
+        taken, holder = take_lock(run_dir / LOCK_FILE, f"stella-distill {what}")
+    if holder is not None:
         raise UserError(
             f"{run_dir}: in use by {holder}; wait for it to finish, or give this run another output_dir"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"stella-distill {what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
-    f.flush()
-    _held[run_dir] = f
-    return True
+        )
+    return taken
 
 
 def release_lock(run_dir: Path) -> None:
     """Give the run folder's lock back (a no-op if this process does not hold it)."""
-    f = _held.pop(Path(run_dir).resolve(), None)
-    if f is not None:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+    give_lock(Path(run_dir).resolve() / LOCK_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +263,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def prune_checkpoints(run_dir: Path, keep: int, current: Path) -> None:
     """Keep the ``keep`` newest complete checkpoints; remove temp and half-deleted folders of killed runs."""
     for old in list_checkpoints(run_dir)[:-keep]:
+        if old == current:  # never the checkpoint just written, whatever else the folder holds
+            continue
         (old / STATE_FILE).unlink()  # first, so a half-deleted folder is never listed as complete
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / CHECKPOINTS).iterdir():
@@ -316,7 +303,7 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
     if have.get("model") != want["model"]:
         raise UserError(
             f"{ckpt}: checkpoint was made with another student/teachers/seed config; "
-            f"use a new output_dir or set train.resume=null"
+            f"use a new output_dir, or move {ckpt.parent} away to start afresh"
         )
     if have.get("data") != want["data"]:
         raise UserError(
@@ -335,8 +322,11 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
     return state
 
 
-def resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Position]:
-    """The checkpoint ``train.resume`` asks for (``auto``: the newest complete one) and its position."""
+def resume_point(cfg: ExperimentConfig, run_dir: Path, world_size: int = 1) -> tuple[Path | None, Position]:
+    """The checkpoint ``train.resume`` asks for (``auto``: the newest complete one) and its position.
+
+    A stage resumed mid-way must run on as many processes as it started with: its global batches are
+    ``batch_size x world_size`` rows of a seeded order, so another count would feed it other rows."""
     if cfg.train.resume is None:
         return None, Position()
     if cfg.train.resume == "auto":
@@ -359,6 +349,13 @@ def resume_point(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path | None, Pos
             f"train.resume: {ckpt} is at stage {state['stage_index']} but the config has fewer stages"
         )
     pos = Position(state["stage_index"], state["stage_step"], state["global_step"], state["stage_complete"])
+    saved_by = state.get("world_size")
+    if not pos.stage_complete and isinstance(saved_by, int) and saved_by != world_size:
+        raise UserError(
+            f"{ckpt}: saved in the middle of stage {pos.stage_index} by {saved_by} process(es); this job has "
+            f"{world_size}. Relaunch with {saved_by} to resume exactly, or resume from a stage's end "
+            f"(checkpoints/step-*-end)"
+        )
     return ckpt, pos
 
 

@@ -32,6 +32,15 @@ HEADS_FILE = "heads.safetensors"
 BACKBONE_DIR = "backbone"
 
 
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating-point tensors of ``module``'s state that hold NaN or inf."""
+    return [
+        name
+        for name, t in module.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+
+
 def find_layer_list(backbone: nn.Module, field: str = "student.model") -> tuple[str, nn.ModuleList]:
     """Return ``(dotted name, ModuleList)`` of the backbone's transformer layers.
 
@@ -198,6 +207,8 @@ class StudentModel(nn.Module):
         self.max_length = int(max_length)
         self.prompt = prompt
         self.kept_layers = list(keep_layers) if keep_layers is not None else None
+        # Whether the backbone runs its own code: set from the config that trusted it, saved with the student
+        self.trusts_remote_code = False
         self.hidden_size = _hidden_size(backbone)
 
         device = next(backbone.parameters()).device
@@ -239,7 +250,7 @@ class StudentModel(nn.Module):
             keep_layers(backbone, list(cfg.keep_layers))
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
-        return cls(
+        student = cls(
             backbone,
             tokenizer,
             pooling=cfg.pooling,
@@ -250,6 +261,8 @@ class StudentModel(nn.Module):
             prompt=cfg.prompt,
             keep_layers=cfg.keep_layers,
         )
+        student.trusts_remote_code = bool(cfg.trust_remote_code)
+        return student
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Prefix ``self.prompt``, truncate to ``self.max_length`` tokens, pad to the longest; CPU tensors.
@@ -387,6 +400,7 @@ class StudentModel(nn.Module):
             "prompt": self.prompt,
             "hidden_size": self.hidden_size,
             "keep_layers": self.kept_layers,
+            "trust_remote_code": self.trusts_remote_code,
         }
         (path / STUDENT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -395,11 +409,13 @@ class StudentModel(nn.Module):
         cls,
         path: str | Path,
         *,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool | None = None,
         attn_implementation: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> StudentModel:
-        """Load a folder written by ``save_pretrained`` (the pruned layer count comes with the config)."""
+        """Load a folder written by ``save_pretrained`` (the pruned layer count comes with the config).
+
+        ``trust_remote_code`` None: as the student was saved (what its run's config said)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -412,6 +428,8 @@ class StudentModel(nn.Module):
         except ValueError as exc:
             raise UserError(f"{meta_file}: not valid JSON ({exc})") from None
         field = str(path / BACKBONE_DIR)
+        if trust_remote_code is None:
+            trust_remote_code = meta.get("trust_remote_code") is True
         common = {"revision": None, "trust_remote_code": trust_remote_code, "field": field}
         tokenizer = load_tokenizer(str(path / BACKBONE_DIR), **common)
         backbone = load_backbone(
@@ -434,6 +452,7 @@ class StudentModel(nn.Module):
                 prompt=meta["prompt"],
                 keep_layers=meta.get("keep_layers"),
             )
+        model.trusts_remote_code = bool(trust_remote_code)
         state = load_file(str(heads_file))
         expected = {f"projection.{k}" for k in model.projection.state_dict()}
         expected |= {f"mrl_heads.{k}" for k in model.mrl_heads.state_dict()}

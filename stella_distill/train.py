@@ -181,6 +181,12 @@ def preflight(cfg: ExperimentConfig) -> None:
     dims = [peek_dim(cache_folder(cfg, t)) for t in cfg.teachers]
     if None not in dims:  # else a cache is not built yet: open_caches names it
         check_teacher_dims(cfg, dims)
+    found = run.list_checkpoints(Path(cfg.output_dir)) if cfg.train.resume is None else []
+    if found:  # a fresh run's checkpoints would mix with these, and pruning would keep the wrong ones
+        raise UserError(
+            f"train.resume: null, but {found[-1].parent} holds checkpoints of an earlier run (newest "
+            f"{found[-1].name}); to start afresh use a new output_dir, or move that folder away"
+        )
 
 
 def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Path:
@@ -195,7 +201,9 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
     corpus: Corpus = load_corpus(
         cfg.data, log=(lambda *a: None) if quiet else logger.info, cache_dir=cfg.cache_dir
     )
-    caches: list[TeacherCache] = open_caches(cfg, corpus)
+    if accelerator.num_processes > 1:  # one process reads every shard's checksum; the others trust it
+        on_main(accelerator, lambda: open_caches(cfg, corpus) and None)
+    caches: list[TeacherCache] = open_caches(cfg, corpus, verify=accelerator.num_processes == 1)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
     if len(train_rows) == 0:
@@ -216,7 +224,7 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
             raise UserError(
                 f"stages.{i}.last_layers: {stage.last_layers} must be between 1 and the student's {n_layers} layers"
             )
-    resume_from, pos = run.resume_point(cfg, run_dir)
+    resume_from, pos = run.resume_point(cfg, run_dir, world)
     if accelerator.is_main_process:  # a resumed run logs the steps after its checkpoint again
         run.truncate_metrics(run_dir, pos.global_step)
     if resume_from is not None and pos.stage_complete:
