@@ -548,3 +548,130 @@ def test_interrupt_keeps_finished_work(built, zygote):
             if not p.name.endswith(".tmp")
         ]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Found in review: work kept, settings honoured
+
+
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(built, zygote):
+    """train.resume: null next to an earlier run's checkpoints would mix the two (and pruning kept theirs)."""
+    cfg, tmp = built
+    run = Path(cfg["output_dir"])
+    shutil.rmtree(run / "final")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    cfg["train"]["resume"] = None
+    res = zygote.run("train", write_config(tmp / "c.yaml", cfg))
+    assert_user_error(res, "train.resume: null, but", "holds checkpoints of an earlier run")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from stella_distill import run
+
+    root = tmp_path / "checkpoints"
+    for step in (8, 10, 2):
+        folder = root / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / run.STATE_FILE).write_text(json.dumps({"global_step": step}))
+    run.prune_checkpoints(tmp_path, keep=2, current=root / "step-00000002")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000008", "step-00000010"]
+
+
+def test_a_mid_stage_checkpoint_resumes_only_with_its_process_count(built):
+    from stella_distill import run
+    from stella_distill.config import from_dict
+    from stella_distill.errors import UserError
+
+    cfg, tmp = built
+    folder = Path(cfg["output_dir"])
+    newest = run.list_checkpoints(folder)[-1]
+    state = json.loads((newest / run.STATE_FILE).read_text())
+    (newest / run.STATE_FILE).write_text(json.dumps({**state, "stage_complete": False, "world_size": 2}))
+    config = from_dict(cfg)
+    with pytest.raises(UserError, match=r"saved in the middle of stage 2 by 2 process\(es\); this job has 1"):
+        run.resume_point(config, folder, world_size=1)
+    assert run.resume_point(config, folder, world_size=2)[0] == newest
+
+
+def test_run_only_knobs_do_not_make_a_finished_run_stale(built):
+    from stella_distill import run
+    from stella_distill.config import from_dict
+
+    cfg, _ = built
+    assert run.training_complete(from_dict(cfg), Path(cfg["output_dir"]))
+    changed = copy.deepcopy(cfg)
+    changed["teachers"][0].update(batch_tokens=512, max_batch_size=7, shard_size=16)
+    changed["data"]["train"][0]["streaming"] = True
+    assert run.training_complete(from_dict(changed), Path(cfg["output_dir"]))
+    changed["teachers"][0]["prompt"] = "query: "  # this one changes the vectors
+    assert not run.training_complete(from_dict(changed), Path(cfg["output_dir"]))
+
+
+def test_run_re_exports_with_the_settings_it_was_given(built, zygote):
+    cfg, tmp = built
+    cfg["evaluate"] = {"baseline": False}
+    cfg["export"] = {"prompts": {"q": "old: "}}
+    assert (res := zygote.run("run", write_config(tmp / "c.yaml", cfg))).rc == 0, str(res)
+    cfg["export"] = {"prompts": {"q": "NEW: "}}
+    assert (res := zygote.run("run", write_config(tmp / "c.yaml", cfg))).rc == 0, str(res)
+    export = Path(cfg["output_dir"]) / "export"
+    assert json.loads((export / "config_sentence_transformers.json").read_text())["prompts"]["q"] == "NEW: "
+
+
+def test_evaluate_writes_into_a_folder_it_did_not_make_only_with_out(built, zygote, tmp_path):
+    cfg, tmp = built
+    out = tmp / "export"
+    assert (res := zygote.run("export", cfg["output_dir"], "--out", out)).rc == 0, str(res)
+    theirs = tmp / "theirs"
+    shutil.copytree(out / "dims" / "16", theirs)  # a plain sentence-transformers folder
+    (theirs / "eval.json").write_text('{"mine": true}')
+    sts = write_lines(
+        tmp / "sts.tsv", [f"main\tx\t2012\t{i}\t{i % 5}.0\ta dog\tthe sea {i}" for i in range(6)]
+    )
+    assert_user_error(
+        zygote.run("evaluate", theirs, "--sts", sts), "--out:", "is not an export of stella-distill"
+    )
+    assert json.loads((theirs / "eval.json").read_text()) == {"mine": True}
+    res = zygote.run("evaluate", theirs, "--sts", sts, "--out", tmp / "scores")
+    assert res.rc == 0 and (tmp / "scores" / "eval.json").is_file(), str(res)
+
+
+def test_a_cache_being_built_by_another_job_is_left_alone(base_cfg, zygote, tmp_path):
+    import subprocess
+
+    cfg = copy.deepcopy(base_cfg)
+    cfg["cache_dir"] = str(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    lock = tmp_path / "cache" / ".t1.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); f.write('other job');"
+         " f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = zygote.run("precompute", write_config(tmp_path / "cfg.yaml", cfg))
+        assert_user_error(res, "cache/t1: other job is building this cache now; wait for it to finish")
+        assert not (tmp_path / "cache" / "t1").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert zygote.run("precompute", write_config(tmp_path / "cfg.yaml", cfg)).rc == 0
+
+
+def test_a_remote_code_student_keeps_its_trust_through_save_and_export(tmp_path, rel_models):
+    from stella_distill import export
+    from stella_distill.config import MRLConfig, StudentConfig
+    from stella_distill.layout import read_layout
+    from stella_distill.student import StudentModel
+
+    cfg = StudentConfig(model=str(rel_models["student"]), trust_remote_code=True, mrl=MRLConfig(dims=[16]))
+    student = StudentModel.from_config(cfg, target_dim=32, max_length=32)
+    student.save_pretrained(tmp_path / "student")
+    assert json.loads((tmp_path / "student" / "student.json").read_text())["trust_remote_code"] is True
+    assert StudentModel.from_pretrained(tmp_path / "student").trusts_remote_code
+    out = export.export_student(student, tmp_path / "export")
+    assert read_layout(out).trust_remote_code and read_layout(out / "dims" / "16").trust_remote_code
+    card = export.write_card(out).read_text()
+    assert 'SentenceTransformer("' in card and "trust_remote_code=True" in card
