@@ -373,6 +373,7 @@ def status():
 from stella_distill.config import DataConfig, SourceConfig
 from stella_distill.data import load_corpus
 cfg = DataConfig(train=[SourceConfig(path=sys.argv[1])], dedupe=True)
+imported = status()
 corpus = load_corpus(cfg, cache_dir=sys.argv[2], log=lambda _: None)
 built = status()
 anon, chars = [], 0
@@ -383,14 +384,14 @@ rng = __import__("numpy").random.default_rng(0)
 for _ in range(20):  # and batches in random order, as training reads them
     corpus.texts[rng.integers(0, len(corpus), size=256)]
     anon.append(status()["RssAnon"])
-print(json.dumps({"peak_build": built["VmHWM"], "anon_read": max(anon), "file_read": status()["RssFile"],
-                  "chars": chars, "rows": len(corpus)}))
+print(json.dumps({"peak_build": built["VmHWM"], "base": imported["VmHWM"], "anon_read": max(anon),
+                  "file_read": status()["RssFile"], "chars": chars, "rows": len(corpus)}))
 """
 
 
 def test_a_corpus_several_times_larger_than_memory_builds_and_reads(tmp_path):
     """A child builds a 360 MB corpus (4 KB documents, some repeated) with dedupe and reads every text:
-    its peak resident memory while building (everything counted: libraries, buffers) and its private
+    the resident memory its build adds over its imported libraries, its whole peak, and its private
     memory while reading (the mapped table's pages are page cache, shared and reclaimable) stay a
     fraction of the text."""
     rng = np.random.default_rng(0)
@@ -415,6 +416,8 @@ def test_a_corpus_several_times_larger_than_memory_builds_and_reads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["rows"] == len(set(offsets.tolist())) and got["chars"] > 0.95 * size
-    assert got["peak_build"] * 3 < size, (got, size)
+    # what the build adds over the libraries it imported (those differ between machines: 65-100 MB)
+    assert (got["peak_build"] - got["base"]) * 4 < size, (got, size)
+    assert got["peak_build"] * 2 < size, (got, size)
     assert got["anon_read"] * 4 < size, (got, size)
     assert got["file_read"] > 0.9 * size  # the texts were really read, through the map

@@ -364,6 +364,7 @@ def test_save_and_reload_identical(which, tiny_bert, tiny_qwen2, tmp_path):
         "prompt": model.prompt,
         "hidden_size": 32,
         "keep_layers": None,
+        "trust_remote_code": False,
     }
     rng = torch.get_rng_state()
     again = StudentModel.from_pretrained(tmp_path / "s").eval()
