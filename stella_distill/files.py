@@ -75,6 +75,11 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
+def json_digest(*parts: Any) -> str:
+    """A short, stable hash of JSON-able ``parts`` (key order does not count; other values by ``str``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     """``array`` as the bytes of a ``.npy`` file (no pickles)."""
     buf = io.BytesIO()

@@ -7,7 +7,7 @@ Layout of ``output_dir``::
     wandb/, logs/<project>/            the trackers of logging.report_to (metrics.py)
     checkpoints/step-00000500/         accelerate state, student/, config.yaml, trainer_state.json
     checkpoints/step-00000700-end/     the end of a stage (same content)
-    final/student/, final/trainer_state.json    the trained student
+    final/student/, final/config.yaml, final/trainer_state.json    the trained student
     baseline.json, eval.json, timings.json      written by `stella-distill run`
     export/                            the default export folder
 
@@ -22,7 +22,6 @@ where a checkpoint's weights are read, because they are heavy and the rest of th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stella_distill.compat import compat, mismatch, stage_of
 from stella_distill.config import ExperimentConfig, dump_config, load_config
 from stella_distill.errors import UserError, write_failure
-from stella_distill.files import atomic_write, give_lock, sha256_file, take_lock
+from stella_distill.files import atomic_write, give_lock, json_digest, sha256_file, take_lock
 from stella_distill.fingerprints import folder_sha256
 from stella_distill.tables import read_json
 from stella_distill.version import __version__
@@ -65,26 +65,8 @@ class Position:
     stage_complete: bool = False
 
 
-# Teacher and source fields that change how the job runs, not the vectors or rows it makes.
-RUN_ONLY_FIELDS = ("batch_tokens", "max_batch_size", "shard_size", "streaming")
-
-
-def compat(cfg: ExperimentConfig) -> dict:
-    """What a checkpoint must share with the config to be resumed (and ``final/`` to count as done):
-    the student, the teachers and the data as far as they change the targets and rows, the seed, and
-    each stage's training fields."""
-    d = cfg.to_dict()
-    teachers = [{k: v for k, v in t.items() if k not in RUN_ONLY_FIELDS} for t in d["teachers"]]
-    sources = [{k: v for k, v in s.items() if k not in RUN_ONLY_FIELDS} for s in d["data"]["train"]]
-    return {
-        "model": _digest(d["student"], teachers, d["seed"])[:16],
-        "data": _digest({**d["data"], "train": sources})[:16],
-        "stages": [cfg.fingerprint_stage(i) for i in range(len(cfg.stages))],
-    }
-
-
 def training_complete(cfg: ExperimentConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir/final`` holds the student this config trains (same compat, same stage count)."""
+    """Whether ``run_dir/final`` holds the student this config trains (same fields, same stage count)."""
     state_file = Path(run_dir) / FINAL / STATE_FILE
     if not state_file.is_file():
         return False
@@ -92,15 +74,13 @@ def training_complete(cfg: ExperimentConfig, run_dir: Path) -> bool:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return False
-    return state.get("compat") == compat(cfg) and state.get("stages") == len(cfg.stages)
+    if not isinstance(state, dict) or state.get("stages") != len(cfg.stages):
+        return False
+    return mismatch({**state, "stage_index": len(cfg.stages) - 1}, state_file.parent, cfg) is None
 
 
 # ---------------------------------------------------------------------------------------------
 # Freshness of what `run` makes after training: fingerprints of what produced each output
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _inputs(paths: list[str]) -> list[tuple[str, str | None]]:
@@ -116,19 +96,19 @@ def _inputs(paths: list[str]) -> list[tuple[str, str | None]]:
 def export_fingerprint(cfg: ExperimentConfig, run_dir: Path) -> str:
     """What the run's export is made from: the final student's files and the export settings."""
     final = Path(run_dir) / FINAL
-    return _digest("export", folder_sha256(final / STUDENT), cfg.to_dict()["export"], __version__)
+    return json_digest("export", folder_sha256(final / STUDENT), cfg.to_dict()["export"], __version__)
 
 
 def eval_fingerprint(cfg: ExperimentConfig, export_fp: str) -> str:
     """What the run's evaluation is made from: the export, the evaluation settings and input files."""
     ev = cfg.to_dict()["evaluate"]
-    return _digest("evaluate", export_fp, ev, _inputs(ev["sts"] + ev["retrieval"]), __version__)
+    return json_digest("evaluate", export_fp, ev, _inputs(ev["sts"] + ev["retrieval"]), __version__)
 
 
 def baseline_fingerprint(cfg: ExperimentConfig) -> str:
     """What the scores before training are made from: student, teachers, length, seed, STS files."""
     d = cfg.to_dict()
-    return _digest(
+    return json_digest(
         "baseline",
         d["student"],
         d["teachers"],
@@ -234,6 +214,7 @@ def save_final(
     with writing(final, tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         save_student(tmp / STUDENT)
+        dump_config(cfg, tmp / CONFIG_FILE)
         _publish(tmp, final, {"global_step": global_step, "stages": len(cfg.stages), "compat": compat(cfg)})
     return final
 
@@ -299,26 +280,33 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
         raise UserError(
             f"{ckpt / STATE_FILE}: negative positions; delete that folder to resume from an earlier one"
         )
-    want, have = compat(cfg), state.get("compat", {})
-    if have.get("model") != want["model"]:
-        raise UserError(
-            f"{ckpt}: checkpoint was made with another student/teachers/seed config; "
-            f"use a new output_dir, or move {ckpt.parent} away to start afresh"
-        )
-    if have.get("data") != want["data"]:
-        raise UserError(
-            f"{ckpt}: checkpoint was made with another data config (data.*); use a new output_dir"
-        )
-    for i in range(state["stage_index"] + 1):  # every stage the checkpoint started must be unchanged
-        if (
-            i >= len(want["stages"])
-            or i >= len(have.get("stages", []))
-            or have["stages"][i] != want["stages"][i]
-        ):
+    found = mismatch(state, ckpt, cfg)
+    if found is not None:
+        part, fields = found
+        detail = f" ({'; '.join(fields[:3])}{'; ...' if len(fields) > 3 else ''})" if fields else ""
+        if part == "model":
             raise UserError(
-                f"stages.{i}: differs from the checkpoint {ckpt} (the stage list changed after it was "
-                f"started); restore the stage or use a new output_dir"
+                f"{ckpt}: checkpoint was made with another student/teachers/seed config{detail}; "
+                f"use a new output_dir, or move {ckpt.parent} away to start afresh"
             )
+        if part == "data":
+            raise UserError(
+                f"{ckpt}: checkpoint was made with another data config (data.*){detail}; use a new output_dir"
+            )
+        want, have = compat(cfg)["stages"], list(state["compat"].get("stages") or [])
+        first = (
+            stage_of(fields[0])
+            if fields
+            else next(
+                i
+                for i in range(state["stage_index"] + 1)
+                if i >= min(len(want), len(have)) or want[i] != have[i]
+            )
+        )
+        raise UserError(
+            f"stages.{first}: differs from the checkpoint {ckpt} (the stage list changed after it was "
+            f"started{': ' + '; '.join(fields[:3]) if fields else ''}); restore the stage or use a new output_dir"
+        )
     return state
 
 
