@@ -549,7 +549,7 @@ def _open_row_hashes(folder: Path, manifest: dict) -> np.ndarray:
         raise CacheError(
             f"{label}: {_ROW_HASHES} is missing or corrupted; remove {folder} and rerun precompute"
         )
-    hashes = np.load(path)
+    hashes = np.load(path, mmap_mode="r")  # page cache shared by the processes, not 8 B a row in each
     if hashes.shape != (int(manifest["rows"]),):
         raise CacheError(f"{label}: {_ROW_HASHES} has {hashes.shape} rows, manifest says {manifest['rows']}")
     return hashes

@@ -408,6 +408,7 @@ def test_split_rows_equals_the_plain_permutation_split():
         (1000, 0.0, 37, 2),
         (500, 0.3, 20, 3),
         (1, 0.5, None, 4),
+        (9_000_000, 0.001, None, 5),  # more than one block of the row-id fill
     ]:
         valid = rng.random(n) > 0.2
         rows = np.flatnonzero(valid)
@@ -418,4 +419,4 @@ def test_split_rows_equals_the_plain_permutation_split():
         perm = np.random.default_rng(seed + 7919).permutation(len(rows))
         train, held = split_rows(valid, fraction, limit, seed)
         assert np.array_equal(held, np.sort(rows[perm[:n_eval]])) and len(held) == n_eval
-        assert np.array_equal(train, np.sort(rows[perm[n_eval:]])) and train.dtype == np.int64
+        assert np.array_equal(train, np.sort(rows[perm[n_eval:]])) and train.dtype == np.int32

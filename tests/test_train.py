@@ -431,6 +431,37 @@ def test_batch_order_is_world_size_independent():
     assert len(a) == 12 and len(np.unique(np.concatenate(a))) == 96
 
 
+def _batch_order_reference(rows, lengths, global_batch, seed, group_by_length):
+    """The plain form: index a permutation, sort each mega-batch by length, list the batches, shuffle them."""
+    rng = np.random.default_rng(seed)
+    order = rows[rng.permutation(len(rows))]
+    if group_by_length:
+        mega = global_batch * 50
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@pytest.mark.parametrize("group", [True, False])
+@pytest.mark.parametrize("n, batch", [(100, 8), (5000, 7), (20_000, 64), (5, 8)])
+def test_batch_order_equals_the_plain_form(n, batch, group):
+    """Same batches, same order, as the plain list-of-permutation form (so runs keep their data order
+    and checkpoints resume onto the same rows), from int32 or int64 row ids."""
+    from stella_distill.data import batch_order
+
+    rng = np.random.default_rng(n)
+    rows = np.sort(rng.choice(3 * n, size=n, replace=False))
+    lengths = rng.integers(1, 40, 3 * n)  # many ties: the stable sort's order counts
+    want = _batch_order_reference(rows, lengths, batch, 11, group)
+    for ids in (rows, rows.astype(np.int32)):
+        got = batch_order(ids, lengths, batch, seed=11, group_by_length=group)
+        assert got.shape == (len(want), batch) and got.dtype == ids.dtype
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 def test_each_stage_writes_its_batch_and_clipping_into_the_deepspeed_config():
     """accelerate leaves DeepSpeed's batch fields "auto" without a DataLoader and keeps the first
     prepare's values: the trainer sets them per stage, and the engine's clipping from max_grad_norm."""
