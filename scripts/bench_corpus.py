@@ -292,6 +292,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if "train" in args.verbs and "precompute" not in args.verbs:
+        parser.error("--verbs: train runs on the caches its precompute writes; give --verbs precompute train")
     import yaml
     from tiny import make_tiny_bert
 
@@ -340,8 +342,8 @@ def main() -> None:
                 for name, corpus_path in (("small", small), ("big", big)):
                     run_root = root / "runs" / f"{verb}-{loader}-{procs}-{name}"
                     spec = experiment(run_root, corpus_path, teacher, student)
-                    if verb == "train":  # the caches written by the table precompute (same rows either way)
-                        spec["cache_dir"] = str(root / "runs" / f"precompute-table-1-{name}" / "cache")
+                    if verb == "train":  # the caches of this process count's table precompute (same rows)
+                        spec["cache_dir"] = str(root / "runs" / f"precompute-table-{procs}-{name}" / "cache")
                     config = run_root / "config.yaml"
                     run_root.mkdir(parents=True, exist_ok=True)
                     config.write_text(yaml.safe_dump(spec))
