@@ -38,6 +38,7 @@ from stella_distill.errors import UserError, write_failure
 from stella_distill.files import open_as_umask, replace_folder
 from stella_distill.layout import INFO_FILE, check_dim, dim_folder, is_export_root, load, read_layout, set_dim
 from stella_distill.logs import get_logger
+from stella_distill.model_files import POOLING_FLAGS, POOLING_TO_ST
 from stella_distill.push import check_target, push_folder
 from stella_distill.run import Source, consolidate_state_dict, find_source, read_metrics
 from stella_distill.student import StudentModel, nonfinite_tensors
@@ -50,7 +51,6 @@ LEGACY_TYPES = {
     "Dense": "sentence_transformers.models.Dense",
     "Normalize": "sentence_transformers.models.Normalize",
 }
-ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 # Sentences the export is checked on: the loaded folder must reproduce the student on them.
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -125,15 +125,10 @@ def _write_dense(folder: Path, linear, rows: int | None = None) -> None:
 
 def _pooling_config(hidden: int, pooling: str) -> dict:
     # The legacy boolean form: what TEI/vLLM parse, and what sentence-transformers still reads.
-    mode = ST_POOLING[pooling]
+    mode = POOLING_TO_ST[pooling]
     return {
         "word_embedding_dimension": hidden,
-        "pooling_mode_cls_token": mode == "cls",
-        "pooling_mode_mean_tokens": mode == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": mode == "lasttoken",
+        **{flag: mode == st_mode for flag, st_mode in POOLING_FLAGS.items()},
         "include_prompt": True,
     }
 

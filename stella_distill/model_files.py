@@ -29,8 +29,9 @@ from stella_distill.logs import get_logger
 
 logger = get_logger(__name__)
 
-# sentence-transformers' pooling modes, by the name stella-distill gives them (None: not computed here).
-ST_POOLING = {
+# sentence-transformers' pooling modes -> the name stella-distill gives them (None: not computed here),
+# and back; POOLING_FLAGS: the boolean keys of older pooling configs (what TEI and vLLM still parse).
+POOLING_FROM_ST = {
     "cls": "cls",
     "mean": "mean",
     "lasttoken": "last_token",
@@ -38,7 +39,7 @@ ST_POOLING = {
     "mean_sqrt_len_tokens": None,
     "weightedmean": None,
 }
-_LEGACY_POOLING_KEYS = {
+POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_tokens": "mean",
@@ -46,6 +47,7 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
+POOLING_TO_ST = {ours: st for st, ours in POOLING_FROM_ST.items() if ours is not None}
 _APPLIED = ("Transformer", "Pooling", "Dense", "Normalize")
 _HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
@@ -220,7 +222,7 @@ def pooling_mode(config: dict) -> str:
     ``pooling_mode_*`` flags of older versions); several modes concatenated read ``"a+b"``."""
     mode = config.get("pooling_mode")
     if mode is None:
-        mode = [m for key, m in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+        mode = [m for key, m in POOLING_FLAGS.items() if config.get(key)] or ["mean"]
     if isinstance(mode, (list, tuple)):
         return "+".join(map(str, mode))
     return str(mode)
@@ -264,7 +266,7 @@ def resolve_teacher(teacher: TeacherConfig, where: str, files: ModelFiles | None
             + "; set them to be sure"
         )
     own = files.pooling
-    ours = ST_POOLING.get(own) if own is not None else None
+    ours = POOLING_FROM_ST.get(own) if own is not None else None
     pooling = teacher.pooling
     if pooling is None:
         if own is not None and ours is None:
