@@ -537,19 +537,13 @@ class _Rows:
 # Row splits and batch orders
 
 
-def _row_ids(n: int) -> np.dtype:
-    """int32 row ids where the corpus allows (4 bytes a row instead of 8), else int64."""
-    return np.dtype(np.int32 if n < 2**31 else np.int64)
-
-
 def split_rows(valid: np.ndarray, eval_fraction: float, eval_limit: int | None, seed: int):
     """Split the valid row ids into (train_rows, eval_rows), seeded and independent of world size.
 
     The held-out rows are the sorted first ``n_eval`` of a seeded permutation of the valid rows, the
-    training rows the sorted rest. Row ids are int32 where the corpus allows, and no 8-byte array of
-    the corpus's length is made: per row this costs 4 bytes kept and 5 transient."""
+    training rows the sorted rest; no 8-byte array of the corpus's length is made."""
     valid = np.asarray(valid, dtype=bool)
-    dtype = _row_ids(len(valid))
+    dtype = np.dtype(np.int32 if len(valid) < 2**31 else np.int64)  # row ids: 4 bytes a row where they fit
     rows = np.empty(int(np.count_nonzero(valid)), dtype=dtype)
     filled = 0
     for start in range(0, len(valid), 1 << 22):  # flatnonzero by blocks: its int64 result stays small
