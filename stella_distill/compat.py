@@ -11,6 +11,7 @@ none: a newer stella-distill that adds or drops a field keeps the runs of the ol
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,7 @@ from stella_distill.files import json_digest
 # Teacher and source fields that change how the job runs, not the vectors or rows it makes.
 RUN_ONLY_FIELDS = ("batch_tokens", "max_batch_size", "shard_size", "streaming")
 
-# The three parts of ``compat``, and the words the errors use for them.
-PARTS = {"model": "student/teachers/seed", "data": "data (data.*)", "stages": "stages"}
+PARTS = ("model", "data", "stages")  # of ``compat``, in the order a mismatch is reported
 _MISSING = object()
 
 
@@ -58,21 +58,27 @@ def differences(recorded: dict, cfg: ExperimentConfig) -> dict[str, list[str]]:
     """Per part of ``compat``, the fields in which the config dict ``recorded`` and ``cfg`` differ, as
     ``"stages.0.lr: 0.001 in the checkpoint, 0.0005 now"``. A field ``recorded`` lacks counts only away
     from its default; a field ``cfg`` lacks (dropped by this version) never counts."""
+    return {part: [text for _, text in found] for part, found in _differences(recorded, cfg, None).items()}
+
+
+def _differences(
+    recorded: dict, cfg: ExperimentConfig, stages: int | None
+) -> dict[str, list[tuple[tuple, str]]]:
+    """``differences`` as (field path, text) pairs, over the first ``stages`` stages (None: all)."""
     got, want = _view(recorded), _view(cfg.to_dict())
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[tuple[tuple, str]]] = {}
     for part in PARTS:
-        found: list[str] = []
-        _compare(got[part], want[part], _prefix(part), cfg, found)
+        found: list[tuple[tuple, str]] = []
+        old, new = got[part], want[part]
+        if part == "stages":
+            old, new = old[:stages], new[:stages]
+        _compare(old, new, () if part == "model" else (part,), cfg, found)
         if found:
             out[part] = found
     return out
 
 
-def _prefix(part: str) -> tuple:
-    return () if part == "model" else (part,)
-
-
-def _compare(old: Any, new: Any, path: tuple, cfg: ExperimentConfig, found: list[str]) -> None:
+def _compare(old: Any, new: Any, path: tuple, cfg: ExperimentConfig, found: list[tuple[tuple, str]]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             a, b = old.get(key, _MISSING), new.get(key, _MISSING)
@@ -100,7 +106,7 @@ def _entries(values: list) -> bool:
     return bool(values) and all(isinstance(v, dict) for v in values)
 
 
-def _describe(path: tuple, old: Any, new: Any) -> str:
+def _describe(path: tuple, old: Any, new: Any) -> tuple[tuple, str]:
     def show(v: Any) -> str:
         if v is _MISSING:
             return "absent"
@@ -109,11 +115,8 @@ def _describe(path: tuple, old: Any, new: Any) -> str:
         text = repr(v) if isinstance(v, str) else str(v)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    return f"{_name(path)}: {show(old)} in the checkpoint, {show(new)} now"
-
-
-def _name(path: tuple) -> str:
-    return ".".join(str(p) for p in path) or "config"
+    name = ".".join(str(p) for p in path) or "config"
+    return path, f"{name}: {show(old)} in the checkpoint, {show(new)} now"
 
 
 def _default(cfg: ExperimentConfig, path: tuple) -> Any:
@@ -147,34 +150,43 @@ def read_recorded_config(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def mismatch(state: dict, folder: Path, cfg: ExperimentConfig) -> tuple[str, list[str]] | None:
-    """None when the checkpoint in ``folder`` (state ``state``) was trained by ``cfg``'s fields, for the
-    stages it started; else the first differing part of ``compat`` and the fields that differ in it (empty
-    where the checkpoint holds no config to compare)."""
-    want, have = compat(cfg), state.get("compat") or {}
-    started = state.get("stage_index", len(want["stages"]) - 1) + 1
+@dataclass
+class Mismatch:
+    """How a checkpoint differs from the config: the part of ``compat`` (``model``, ``data`` or
+    ``stages``), the fields that differ in it (none where the checkpoint holds no config to compare),
+    and for ``stages`` the first stage that differs."""
+
+    part: str
+    fields: list[str]
+    stage: int | None = None
+
+
+def mismatch(recorded: dict, started: int, folder: Path, cfg: ExperimentConfig) -> Mismatch | None:
+    """None when the checkpoint in ``folder``, whose ``compat`` is ``recorded`` and which started
+    ``started`` stages, was trained by ``cfg``'s fields; else the first way it differs."""
+    want = compat(cfg)
+    have_stages, want_stages = list(recorded.get("stages") or [])[:started], want["stages"][:started]
     same = {
-        "model": have.get("model") == want["model"],
-        "data": have.get("data") == want["data"],
-        "stages": list(have.get("stages") or [])[:started] == want["stages"][:started],
+        "model": recorded.get("model") == want["model"],
+        "data": recorded.get("data") == want["data"],
+        "stages": have_stages == want_stages,
     }
     if all(same.values()):
         return None
-    recorded = read_recorded_config(folder)
-    found = differences(recorded, cfg) if recorded is not None else {}
-    if "stages" in found:  # only the stages the checkpoint started count
-        found["stages"] = [f for f in found["stages"] if stage_of(f) < started]
-    for part, ok in same.items():
-        if ok:
-            continue
-        if recorded is None:
-            return part, []
-        if found.get(part):
-            return part, found[part]
+    config = read_recorded_config(folder)
+    if config is None:  # the digests decide
+        part = next(p for p in PARTS if not same[p])
+        stage = None
+        if part == "stages":
+            stage = next(
+                (i for i, (a, b) in enumerate(zip(have_stages, want_stages)) if a != b),
+                min(len(have_stages), len(want_stages)),
+            )
+        return Mismatch(part, [], stage)
+    found = _differences(config, cfg, started)
+    for part in PARTS:
+        if not same[part] and found.get(part):
+            first_path = found[part][0][0]
+            stage = first_path[1] if part == "stages" else None
+            return Mismatch(part, [text for _, text in found[part]], stage)
     return None
-
-
-def stage_of(description: str) -> int:
-    """The stage index a ``stages...`` difference is about (``stages: ...`` = the list itself: 0)."""
-    head = description.split(":", 1)[0].split(".")
-    return int(head[1]) if len(head) > 1 and head[1].isdigit() else 0

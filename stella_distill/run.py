@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stella_distill.compat import compat, mismatch, stage_of
+from stella_distill.compat import compat, mismatch
 from stella_distill.config import ExperimentConfig, dump_config, load_config
 from stella_distill.errors import UserError, write_failure
 from stella_distill.files import atomic_write, give_lock, json_digest, sha256_file, take_lock
@@ -76,7 +76,7 @@ def training_complete(cfg: ExperimentConfig, run_dir: Path) -> bool:
         return False
     if not isinstance(state, dict) or state.get("stages") != len(cfg.stages):
         return False
-    return mismatch({**state, "stage_index": len(cfg.stages) - 1}, state_file.parent, cfg) is None
+    return mismatch(state.get("compat") or {}, len(cfg.stages), state_file.parent, cfg) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,32 +280,23 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
         raise UserError(
             f"{ckpt / STATE_FILE}: negative positions; delete that folder to resume from an earlier one"
         )
-    found = mismatch(state, ckpt, cfg)
+    found = mismatch(state["compat"], state["stage_index"] + 1, ckpt, cfg)
     if found is not None:
-        part, fields = found
-        detail = f" ({'; '.join(fields[:3])}{'; ...' if len(fields) > 3 else ''})" if fields else ""
-        if part == "model":
+        fields = found.fields
+        detail = f"{'; '.join(fields[:3])}{'; ...' if len(fields) > 3 else ''}"
+        if found.part == "model":
             raise UserError(
-                f"{ckpt}: checkpoint was made with another student/teachers/seed config{detail}; "
-                f"use a new output_dir, or move {ckpt.parent} away to start afresh"
+                f"{ckpt}: checkpoint was made with another student/teachers/seed config"
+                f"{f' ({detail})' if fields else ''}; use a new output_dir, or move {ckpt.parent} away to start afresh"
             )
-        if part == "data":
+        if found.part == "data":
             raise UserError(
-                f"{ckpt}: checkpoint was made with another data config (data.*){detail}; use a new output_dir"
+                f"{ckpt}: checkpoint was made with another data config (data.*){f' ({detail})' if fields else ''}; "
+                f"use a new output_dir"
             )
-        want, have = compat(cfg)["stages"], list(state["compat"].get("stages") or [])
-        first = (
-            stage_of(fields[0])
-            if fields
-            else next(
-                i
-                for i in range(state["stage_index"] + 1)
-                if i >= min(len(want), len(have)) or want[i] != have[i]
-            )
-        )
         raise UserError(
-            f"stages.{first}: differs from the checkpoint {ckpt} (the stage list changed after it was "
-            f"started{': ' + '; '.join(fields[:3]) if fields else ''}); restore the stage or use a new output_dir"
+            f"stages.{found.stage}: differs from the checkpoint {ckpt} (the stage list changed after it was "
+            f"started{f': {detail}' if fields else ''}); restore the stage or use a new output_dir"
         )
     return state
 
