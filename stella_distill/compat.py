@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from stella_distill.config import ExperimentConfig
-from stella_distill.files import json_digest
+from stella_distill.configfile import read_yaml
+from stella_distill.errors import ConfigError
+from stella_distill.files import json_digest, sha256_file
 
 # Teacher and source fields that change how the job runs, not the vectors or rows it makes.
 RUN_ONLY_FIELDS = ("batch_tokens", "max_batch_size", "shard_size", "streaming")
@@ -141,13 +141,16 @@ def _default(cfg: ExperimentConfig, path: tuple) -> Any:
     return _MISSING
 
 
-def read_recorded_config(folder: Path) -> dict | None:
-    """The config a checkpoint (or ``final/``) holds, as a plain dict; None where it has none."""
+def read_recorded_config(config_file: Path, sha256: str | None = None) -> dict | None:
+    """The config a checkpoint (or ``final/``) holds, as a plain dict; None where it has none that reads
+    (read as every config is: ``configfile.read_yaml``), or none whose bytes match ``sha256``, the
+    checksum its state records (checkpoints of earlier versions record none)."""
     try:
-        data = yaml.safe_load((Path(folder) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        if sha256 is not None and sha256_file(config_file) != sha256:
+            return None
+        return read_yaml(config_file) or None
+    except (ConfigError, OSError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -161,9 +164,11 @@ class Mismatch:
     stage: int | None = None
 
 
-def mismatch(recorded: dict, started: int, folder: Path, cfg: ExperimentConfig) -> Mismatch | None:
-    """None when the checkpoint in ``folder``, whose ``compat`` is ``recorded`` and which started
-    ``started`` stages, was trained by ``cfg``'s fields; else the first way it differs."""
+def mismatch(state: dict, started: int, config_file: Path, cfg: ExperimentConfig) -> Mismatch | None:
+    """None when the checkpoint whose state is ``state`` (its ``compat`` digests and config checksum),
+    which started ``started`` stages and holds its config in ``config_file``, was trained by ``cfg``'s
+    fields; else the first way it differs."""
+    recorded = state.get("compat") or {}
     want = compat(cfg)
     have_stages, want_stages = list(recorded.get("stages") or [])[:started], want["stages"][:started]
     same = {
@@ -173,7 +178,7 @@ def mismatch(recorded: dict, started: int, folder: Path, cfg: ExperimentConfig) 
     }
     if all(same.values()):
         return None
-    config = read_recorded_config(folder)
+    config = read_recorded_config(config_file, state.get("config_sha256"))
     if config is None:  # the digests decide
         part = next(p for p in PARTS if not same[p])
         stage = None
@@ -186,7 +191,7 @@ def mismatch(recorded: dict, started: int, folder: Path, cfg: ExperimentConfig) 
     found = _differences(config, cfg, started)
     for part in PARTS:
         if not same[part] and found.get(part):
-            first_path = found[part][0][0]
-            stage = first_path[1] if part == "stages" else None
+            first_path = found[part][0][0]  # ("stages", i, ...); ("stages",): the list itself
+            stage = (first_path[1] if len(first_path) > 1 else 0) if part == "stages" else None
             return Mismatch(part, [text for _, text in found[part]], stage)
     return None

@@ -76,7 +76,7 @@ def training_complete(cfg: ExperimentConfig, run_dir: Path) -> bool:
         return False
     if not isinstance(state, dict) or state.get("stages") != len(cfg.stages):
         return False
-    return mismatch(state.get("compat") or {}, len(cfg.stages), state_file.parent, cfg) is None
+    return mismatch(state, len(cfg.stages), state_file.parent / CONFIG_FILE, cfg) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +151,11 @@ def writing(path: Path, tmp: Path | None = None):
         raise UserError(f"{path}: cannot write ({reason}){space}; finished checkpoints are kept") from None
 
 
-def _publish(tmp: Path, final: Path, state: dict) -> None:
-    """Write the state file into ``tmp`` (last: it marks the folder complete) and rename it to ``final``."""
+def _publish(tmp: Path, final: Path, cfg: ExperimentConfig, state: dict) -> None:
+    """Write the config and the state file into ``tmp`` (the state last: it marks the folder complete,
+    and holds the config's compat digests and checksum) and rename it to ``final``."""
+    dump_config(cfg, tmp / CONFIG_FILE)
+    state = {**state, "compat": compat(cfg), "config_sha256": sha256_file(tmp / CONFIG_FILE)}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -199,10 +202,8 @@ def temp_dir(final: Path) -> Path:
 
 def finish_checkpoint(tmp: Path, final: Path, cfg: ExperimentConfig, pos: Position, world_size: int) -> None:
     """Add the config and the trainer state to a checkpoint written into ``tmp``; publish it as ``final``."""
-    dump_config(cfg, tmp / CONFIG_FILE)
-    state = {**pos.__dict__, "stage_name": cfg.stages[pos.stage_index].name, "compat": compat(cfg)}
-    state["world_size"] = world_size
-    _publish(tmp, final, state)
+    state = {**pos.__dict__, "stage_name": cfg.stages[pos.stage_index].name, "world_size": world_size}
+    _publish(tmp, final, cfg, state)
 
 
 def save_final(
@@ -214,8 +215,7 @@ def save_final(
     with writing(final, tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         save_student(tmp / STUDENT)
-        dump_config(cfg, tmp / CONFIG_FILE)
-        _publish(tmp, final, {"global_step": global_step, "stages": len(cfg.stages), "compat": compat(cfg)})
+        _publish(tmp, final, cfg, {"global_step": global_step, "stages": len(cfg.stages)})
     return final
 
 
@@ -280,7 +280,7 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
         raise UserError(
             f"{ckpt / STATE_FILE}: negative positions; delete that folder to resume from an earlier one"
         )
-    found = mismatch(state["compat"], state["stage_index"] + 1, ckpt, cfg)
+    found = mismatch(state, state["stage_index"] + 1, ckpt / CONFIG_FILE, cfg)
     if found is not None:
         fields = found.fields
         detail = f"{'; '.join(fields[:3])}{'; ...' if len(fields) > 3 else ''}"

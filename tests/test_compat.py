@@ -10,7 +10,7 @@ import yaml
 
 from stella_distill import run
 from stella_distill.compat import compat, differences, mismatch
-from stella_distill.config import dump_config, from_dict
+from stella_distill.config import from_dict
 from stella_distill.errors import UserError
 
 BASE = {
@@ -36,19 +36,21 @@ def config(change=None):
 
 
 def checkpoint(tmp_path, cfg, stage_index=1, edit_yaml=None):
-    """A checkpoint folder as the trainer leaves it: config.yaml and trainer_state.json (compat digests)."""
+    """A checkpoint folder as the trainer leaves it (``run.finish_checkpoint``: config.yaml, then the
+    state with the compat digests and the config's checksum); with ``edit_yaml``, as an older version
+    left it: another config.yaml, digests over other fields, no checksum."""
     folder = tmp_path / "checkpoints" / "step-00000004"
-    folder.mkdir(parents=True)
-    dump_config(cfg, folder / run.CONFIG_FILE)
-    if edit_yaml:  # what an older or newer stella-distill would have written
+    tmp = run.temp_dir(folder)
+    tmp.mkdir(parents=True)
+    run.finish_checkpoint(tmp, folder, cfg, run.Position(stage_index, 1, 4, False), world_size=1)
+    if edit_yaml:
         data = yaml.safe_load((folder / run.CONFIG_FILE).read_text())
         edit_yaml(data)
         (folder / run.CONFIG_FILE).write_text(yaml.safe_dump(data))
-    state = {"stage_index": stage_index, "stage_step": 1, "global_step": 4, "stage_complete": False}
-    state["compat"] = compat(cfg)
-    if edit_yaml:  # that version's digests covered other fields
+        state = json.loads((folder / run.STATE_FILE).read_text())
+        del state["config_sha256"]
         state["compat"] = {"model": "older", "data": "older", "stages": ["older"] * len(cfg.stages)}
-    (folder / run.STATE_FILE).write_text(json.dumps(state))
+        (folder / run.STATE_FILE).write_text(json.dumps(state))
     return folder
 
 
@@ -105,7 +107,7 @@ def test_run_only_knobs_and_unstarted_stages_do_not_count(tmp_path):
         d["stages"][1]["lr"] = 0.5  # stage 1 has not started at this checkpoint
 
     state = json.loads((folder / run.STATE_FILE).read_text())
-    assert mismatch(state["compat"], state["stage_index"] + 1, folder, config(change)) is None
+    assert mismatch(state, state["stage_index"] + 1, folder / run.CONFIG_FILE, config(change)) is None
 
 
 def test_a_field_another_version_lacks_counts_only_away_from_its_default(tmp_path):
@@ -160,3 +162,24 @@ def test_final_counts_as_done_across_versions(tmp_path):
     state_file.write_text(json.dumps({**state, "compat": {"model": "older", "data": "older", "stages": []}}))
     assert run.training_complete(cfg, run_dir)  # the digests differ, the fields do not
     assert not run.training_complete(config(lambda d: d["stages"][1].update(steps=9)), run_dir)
+
+
+def test_a_damaged_config_is_not_compared(tmp_path):
+    """A config.yaml whose bytes no longer match the checksum in the checkpoint's state (cut short,
+    edited) is not compared field by field: the digests decide, so a field cut away cannot pass for
+    one at its default."""
+    folder = checkpoint(tmp_path, config())  # seed 7
+    text = (folder / run.CONFIG_FILE).read_text()
+    (folder / run.CONFIG_FILE).write_text(
+        "".join(line for line in text.splitlines(True) if not line.startswith("seed:"))
+    )
+    with pytest.raises(UserError, match=r"another student/teachers/seed config; use a new output_dir"):
+        run.check_resumable(folder, config(lambda d: d.pop("seed")))  # seed at its default, 42
+
+
+def test_a_config_without_its_stages_names_the_first_stage(tmp_path):
+    folder = checkpoint(tmp_path, config(), edit_yaml=lambda d: d.pop("stages"))
+    with pytest.raises(
+        UserError, match=r"^stages\.0: differs from the checkpoint .*stages: \[\] in the checkpoint"
+    ):
+        run.check_resumable(folder, config())
