@@ -201,9 +201,10 @@ def _train(cfg: ExperimentConfig, accelerator, world: int, run_dir: Path) -> Pat
     corpus: Corpus = load_corpus(
         cfg.data, log=(lambda *a: None) if quiet else logger.info, cache_dir=cfg.cache_dir
     )
-    if accelerator.num_processes > 1:  # one process reads every shard's checksum; the others trust it
-        on_main(accelerator, lambda: open_caches(cfg, corpus) and None)
-    caches: list[TeacherCache] = open_caches(cfg, corpus, verify=accelerator.num_processes == 1)
+    # one process reads every shard's checksum (opening them verified); the others then open them unverified
+    verified: list[TeacherCache] = []
+    on_main(accelerator, lambda: verified.extend(open_caches(cfg, corpus)))
+    caches: list[TeacherCache] = verified or open_caches(cfg, corpus, verify=False)
     valid = np.logical_and.reduce([c.valid_mask for c in caches])
     train_rows, eval_rows = split_rows(valid, cfg.data.eval_fraction, cfg.data.eval_limit, cfg.seed)
     if len(train_rows) == 0:
