@@ -26,7 +26,7 @@ from stella_distill.files import atomic_write
 from stella_distill.hub import is_hub_id
 from stella_distill.layout import INFO_FILE, Layout, dim_revision, read_info
 from stella_distill.plots import BASELINE_STYLE, DIM_PLOT, LOSS_PLOT, plot_loss_curve, plot_metrics_by_dim
-from stella_distill.run import BASELINE_FILE, EVAL_FILE, read_metrics, summarize_training
+from stella_distill.run import BASELINE_FILE, EVAL_FILE, summarize_training
 from stella_distill.tables import read_json
 
 CARD_FILE = "README.md"
@@ -99,9 +99,14 @@ class CardData:
 
 
 def collect_facts(
-    cfg: ExperimentConfig | None, run_dir: Path | None, source: str | None, license: str | None = None
+    cfg: ExperimentConfig | None,
+    run_dir: Path | None,
+    rows: list[dict],
+    source: str | None,
+    license: str | None = None,
 ) -> dict:
-    """The card's facts about the run, as plain JSON: config, training summary, baseline, metadata.
+    """The card's facts about the run, as plain JSON: config, training summary (of the metrics ``rows``),
+    baseline, metadata.
 
     ``license`` overrides ``export.license``. The card's ``datasets`` are ``export.datasets``, else the
     Hub dataset ids among ``data.train`` (local files are named in the card's text, not dropped).
@@ -122,7 +127,7 @@ def collect_facts(
         "license": license or (ex.license if ex is not None else None),
         "language": list(ex.language) if ex is not None else [],
         "datasets": datasets,
-        "training": summarize_training(read_metrics(run_dir)),
+        "training": summarize_training(rows),
         "baseline": _scores(read_json(baseline)) if baseline is not None and baseline.is_file() else None,
     }
 

@@ -421,7 +421,7 @@ def write_card(
     rows = None
     if cfg is not None or run_dir is not None:
         rows = read_metrics(run_dir)
-        facts = card.collect_facts(cfg, Path(run_dir) if run_dir is not None else None, source, license)
+        facts = card.collect_facts(cfg, Path(run_dir) if run_dir is not None else None, rows, source, license)
     else:
         facts = card.load_facts(folder)
     if repo_id is not None:
@@ -469,34 +469,32 @@ def verify_export(
     from sentence_transformers import SentenceTransformer
 
     layout = read_layout(out)
+    texts = list(texts)
+    want = {d: student.encode(texts, dim=d) for d in layout.dims}  # the student once per dim
+
+    def check(got: torch.Tensor, d: int, where: str, what: str) -> float:
+        cosine = float(torch.nn.functional.cosine_similarity(got.float().cpu(), want[d]).min())
+        if got.shape[1] != d or not cosine >= min_cosine:  # NaN fails too
+            raise RuntimeError(
+                f"{where}: {what} does not reproduce the student at dim {d} "
+                f"(shape {tuple(got.shape)}, min cosine {cosine:.6f})"
+            )
+        return cosine
+
     model = load(out, dim=layout.dims[0], device="cpu")
     worst = {}
     for d in layout.dims:
         set_dim(model, out, d, layout)
         got = model.encode(
-            list(texts), prompt=student.prompt or "", convert_to_tensor=True, normalize_embeddings=True
+            texts, prompt=student.prompt or "", convert_to_tensor=True, normalize_embeddings=True
         )
-        want = student.encode(list(texts), dim=d)
-        worst[d] = float(torch.nn.functional.cosine_similarity(got.float().cpu(), want).min())
-        if got.shape[1] != d or not worst[d] >= min_cosine:  # NaN fails too
-            raise RuntimeError(
-                f"{out}: the exported model does not reproduce the student at dim {d} "
-                f"(shape {tuple(got.shape)}, min cosine {worst[d]:.6f})"
-            )
+        worst[d] = check(got, d, str(out), "the exported model")
     code = {"trust_remote_code": True} if layout.trust_remote_code else {}  # the backbone's own code
     for d, sub in layout.dim_folders.items():  # loaded as any tool would: nothing set but the folder
         got = SentenceTransformer(str(Path(out) / sub), device="cpu", **code).encode(
-            list(texts), prompt=student.prompt or "", convert_to_tensor=True
+            texts, prompt=student.prompt or "", convert_to_tensor=True
         )
-        cosine = float(
-            torch.nn.functional.cosine_similarity(got.float().cpu(), student.encode(list(texts), dim=d)).min()
-        )
-        if got.shape[1] != d or not cosine >= min_cosine:
-            raise RuntimeError(
-                f"{out}/{sub}: the folder does not reproduce the student at dim {d} "
-                f"(shape {tuple(got.shape)}, min cosine {cosine:.6f})"
-            )
-        worst[d] = min(worst[d], cosine)
+        worst[d] = min(worst[d], check(got, d, f"{out}/{sub}", "the folder"))
     return worst
 
 
