@@ -159,15 +159,13 @@ def _config(data: dict | None) -> ExperimentConfig | None:
         return None
 
 
-def card_data(
-    folder: Path, layout: Layout, facts: dict, model_ref: str | None = None, repo_id: str | None = None
-) -> CardData:
+def card_data(folder: Path, layout: Layout, facts: dict, model_ref: str | None = None) -> CardData:
     """``CardData`` of ``folder``: ``facts``, what the folder offers, and its ``eval.json``.
 
-    ``repo_id`` / ``facts["revision"]`` name the Hub repo and branch; ``model_ref`` is what the
+    ``facts["repo_id"]`` / ``facts["revision"]`` name the Hub repo and branch; ``model_ref`` is what the
     snippets load (default: the Hub repo, else ``folder``).
     """
-    repo_id = repo_id or facts.get("repo_id")
+    repo_id = facts.get("repo_id")
     ref = model_ref or repo_id or str(folder)
     eval_file = Path(folder) / EVAL_FILE
     return CardData(

@@ -34,7 +34,6 @@ class Layout:
     max_length: int | None = None
     source: str | None = None  # the run or checkpoint it was exported from (stella_distill.json)
     dim_folders: dict[int, str] = field(default_factory=dict)  # dim -> "dims/{d}" (relative), if written
-    dim_folder_of: dict | None = None  # set in a dims/{d} folder: mode and dims of the export it is part of
     trust_remote_code: bool = False  # the backbone runs its own code (the run's config trusted it)
 
 
@@ -119,7 +118,6 @@ def read_layout(path: str | Path) -> Layout:
         "source": info.get("source"),
         "trust_remote_code": info.get("trust_remote_code") is True,
         "dim_folders": dict(sorted(folders.items(), reverse=True)),
-        "dim_folder_of": info.get("dim_folder_of"),
     }
     if mode == "heads":
         return Layout(mode, heads, out_dim, full, **described)

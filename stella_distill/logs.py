@@ -124,11 +124,6 @@ def _quiet_imported_libraries() -> None:
             datasets.disable_progress_bars()
 
 
-def verbosity() -> int:
-    """The verbosity ``setup`` set (``NORMAL`` when it was never called)."""
-    return _verbosity
-
-
 def show_progress() -> bool:
     """Whether our own progress bars may show (not under ``-q``; ``logging.progress`` decides too)."""
     return _verbosity > QUIET
