@@ -34,8 +34,8 @@ class Deduper:
     def first_occurrences(self, texts: list[str], hashes: np.ndarray) -> np.ndarray:
         """Boolean mask: which of ``texts`` equal no earlier text (added before, or earlier in ``texts``)."""
         keep = np.ones(len(texts), dtype=bool)
-        taken = self.rows_of(hashes)
-        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        unique, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        taken = self.rows_of(unique)
         # a text whose hash is new and once in the batch stays without a look; the rest, in order
         ask = counts[inverse.ravel()] > 1
         if taken:
@@ -69,10 +69,10 @@ class Deduper:
             run = (h[order], r[order])
         self._runs.append(run)
 
-    def rows_of(self, hashes: np.ndarray) -> dict[int, list[int]]:
-        """``{hash: [row, ...]}`` for those of ``hashes`` that rows added earlier have."""
+    def rows_of(self, queries: np.ndarray) -> dict[int, list[int]]:
+        """``{hash: [row, ...]}`` for those of the sorted, distinct hashes ``queries`` that rows added
+        earlier have (sorted: the searches walk each run in order)."""
         found: dict[int, list[int]] = {}
-        queries = np.unique(hashes)  # sorted: the searches walk each run in order
         for h, r in self._runs:
             lo = np.searchsorted(h, queries)
             hit = np.flatnonzero(h[np.minimum(lo, len(h) - 1)] == queries)
