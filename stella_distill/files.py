@@ -87,32 +87,41 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 hex of a file's bytes, read through one reused 1 MiB buffer (no memory piles up, even
-    in threads hashing many files at once)."""
+def _sha256(path: Path, start: int = 0, length: int | None = None) -> tuple[Any, int]:
+    """sha256 over ``length`` bytes of ``path`` from byte ``start`` (None: to its end), and the number of
+    bytes read (fewer at the file's end), through one reused 1 MiB buffer: no memory piles up, even in
+    threads hashing many files at once."""
     h = hashlib.sha256()
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
+    read = 0
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
+        f.seek(start)
+        while length is None or read < length:
+            n = f.readinto(view if length is None else view[: min(len(buffer), length - read)])
+            if not n:
+                break
             h.update(view[:n])
-    return h.hexdigest()
+            read += n
+    return h, read
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file's bytes."""
+    return _sha256(path)[0].hexdigest()
+
+
+def sha256_range(path: Path, start: int, length: int) -> bytes:
+    """sha256 digest of ``length`` bytes of ``path`` from byte ``start`` (fewer at its end)."""
+    return _sha256(path, start, length)[0].digest()
 
 
 def sha256_rows(path: Path, offset: int, start: int, stop: int, row_bytes: int) -> str | None:
     """sha256 of rows [start, stop) of a row-major file whose rows start at byte ``offset``, or None
     if the file is too short."""
-    h = hashlib.sha256()
     want = (stop - start) * row_bytes
-    with open(path, "rb") as f:
-        f.seek(offset + start * row_bytes)
-        while want > 0:
-            chunk = f.read(min(want, 1 << 24))
-            if not chunk:
-                return None
-            h.update(chunk)
-            want -= len(chunk)
-    return h.hexdigest()
+    h, read = _sha256(path, offset + start * row_bytes, want)
+    return h.hexdigest() if read == want else None
 
 
 def npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:

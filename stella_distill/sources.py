@@ -28,6 +28,7 @@ from typing import Any
 from stella_distill import tables
 from stella_distill.config import SourceConfig
 from stella_distill.errors import UserError, first_line
+from stella_distill.files import sha256_range
 from stella_distill.hub import looks_local
 from stella_distill.tables import COMPRESSIONS, FILE_SUFFIXES, file_format, is_data_file
 
@@ -105,26 +106,12 @@ def _digests(files: list[tuple[Path, int]]) -> list[str]:
         (k, path, start) for k, (path, size) in enumerate(files) for start in range(0, max(size, 1), _BLOCK)
     ]
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(blocks)))) as pool:
-        parts = list(pool.map(lambda block: _block_sha256(block[1], block[2]), blocks))
+        parts = list(pool.map(lambda block: sha256_range(block[1], block[2], _BLOCK), blocks))
     per_file: list[list[bytes]] = [[] for _ in files]
     for (k, _, _), digest in zip(blocks, parts):
         per_file[k].append(digest)
     return [d[0].hex() if size <= _BLOCK else hashlib.sha256(b"".join(d)).hexdigest()
             for d, (_, size) in zip(per_file, files)]  # fmt: skip
-
-
-def _block_sha256(path: Path, start: int) -> bytes:
-    """sha256 of ``_BLOCK`` bytes of ``path`` from ``start`` (fewer at its end), read through one buffer."""
-    h = hashlib.sha256()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    left = _BLOCK
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        while left and (n := f.readinto(view[: min(len(buffer), left)])):
-            h.update(view[:n])
-            left -= n
-    return h.digest()
 
 
 def local_files(src: SourceConfig, where: str) -> list[Path]:

@@ -223,3 +223,21 @@ def test_missing_and_unfinished_caches_say_to_run_precompute(copy, tmp_path):
         CacheError, match=r"incomplete \(3 of 7 shards done\); run `stella-distill precompute"
     ):
         TeacherCache(copy)
+
+
+def test_file_hashes_equal_hashlib_over_the_same_bytes(tmp_path):
+    """One reader serves the whole-file, byte-range and row-range hashes (files, sources' blocks, shards)."""
+    import hashlib
+    import os
+
+    from stella_distill.files import sha256_file, sha256_range, sha256_rows
+
+    data = os.urandom(3_500_001)  # over three of the reader's 1 MiB buffers, not a multiple of one
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_range(path, 1000, 2_000_000) == hashlib.sha256(data[1000:2_001_000]).digest()
+    assert sha256_range(path, 3_000_000, 2_000_000) == hashlib.sha256(data[3_000_000:]).digest()  # the end
+    assert sha256_rows(path, 10, 2, 5, 1000) == hashlib.sha256(data[2010:5010]).hexdigest()
+    assert sha256_rows(path, 10, 3, 3, 1000) == hashlib.sha256(b"").hexdigest()
+    assert sha256_rows(path, 10, 0, 4000, 1000) is None  # the file is too short
