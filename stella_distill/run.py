@@ -282,21 +282,17 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> dict:
         )
     found = mismatch(state, state["stage_index"] + 1, ckpt / CONFIG_FILE, cfg)
     if found is not None:
-        fields = found.fields
-        detail = f"{'; '.join(fields[:3])}{'; ...' if len(fields) > 3 else ''}"
-        if found.part == "model":
+        named = "; ".join(found.fields[:3]) + ("; ..." if len(found.fields) > 3 else "")
+        if found.part == "stages":
             raise UserError(
-                f"{ckpt}: checkpoint was made with another student/teachers/seed config"
-                f"{f' ({detail})' if fields else ''}; use a new output_dir, or move {ckpt.parent} away to start afresh"
+                f"stages.{found.stage}: differs from the checkpoint {ckpt} (the stage list changed after it "
+                f"was started{': ' + named if named else ''}); restore the stage or use a new output_dir"
             )
-        if found.part == "data":
-            raise UserError(
-                f"{ckpt}: checkpoint was made with another data config (data.*){f' ({detail})' if fields else ''}; "
-                f"use a new output_dir"
-            )
+        what = "student/teachers/seed config" if found.part == "model" else "data config (data.*)"
+        fresh = f", or move {ckpt.parent} away to start afresh" if found.part == "model" else ""
         raise UserError(
-            f"stages.{found.stage}: differs from the checkpoint {ckpt} (the stage list changed after it was "
-            f"started{f': {detail}' if fields else ''}); restore the stage or use a new output_dir"
+            f"{ckpt}: checkpoint was made with another {what}{f' ({named})' if named else ''}; "
+            f"use a new output_dir{fresh}"
         )
     return state
 
